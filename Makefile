@@ -1,0 +1,59 @@
+# Two commands do everything on a fresh machine: `make export` then `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+MODELS ?= all
+ARCHS ?= sm86
+
+.PHONY: install train export repository engines serve bench bench-export test test-fast lint gpu-check clean samples
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m training $(MODELS)
+
+# Train what is missing, export, check, parity-gate, then generate the Triton repository.
+export: $(STAMP)
+	$(PY) -m export $(MODELS)
+	$(PY) -m serving.repository --target cpu
+
+repository: $(STAMP)
+	$(PY) -m serving.repository --target cpu
+
+engines: $(STAMP)
+	$(PY) -m export.engines $(MODELS) --archs $(ARCHS)
+
+serve: $(STAMP)
+	$(PY) -m serving.server
+
+bench: $(STAMP)
+	$(PY) -m serving.bench
+
+bench-export: $(STAMP)
+	$(PY) -m export.speed $(MODELS)
+
+gpu-check: $(STAMP)
+	$(PY) -m export.gpu_check
+
+# pytest's exit 5 (no tests collected) must fail loudly, never pass.
+test: $(STAMP)
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not server"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check training export serving tests
+
+samples: $(STAMP)
+	$(PY) -c "from training.data import save_sample_grid; save_sample_grid('reports/samples.png')"
+
+clean:
+	rm -rf artifacts model_repository/*/ reports/*.json

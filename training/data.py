@@ -1,0 +1,119 @@
+"""Cluttered digits: real handwritten digits (scikit-learn's ``load_digits``) on a larger canvas.
+
+Each sample is one digit scaled to 14-28 px at a random position, plus clutter fragments cut from
+other digits and Gaussian noise, so that a model has to find the digit before it can read it (what
+the attention mechanisms are for). Everything is deterministic from (split, n, canvas, seed), and the
+train and test splits draw from disjoint source digits.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+DIGIT_SIZE = (14, 28)
+CLUTTER = (4, 8)
+FRAGMENT = (5, 10)
+NOISE = 0.05
+TEST_FRACTION = 0.25
+SPLITS = ("train", "test")
+
+
+@lru_cache(maxsize=1)
+def _source_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def _split_indices(split: str) -> np.ndarray:
+    images, _ = _source_digits()
+    order = np.random.default_rng(12345).permutation(len(images))  # fixed: splits never overlap
+    n_test = int(len(images) * TEST_FRACTION)
+    return order[:n_test] if split == "test" else order[n_test:]
+
+
+@lru_cache(maxsize=None)
+def _scaled_digit(index: int, size: int) -> np.ndarray:
+    img = _source_digits()[0][index]
+    return np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
+
+
+def make_split(split: str, n: int, canvas: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    """Return ``image`` [n,1,H,W] float32 in [0,1], ``label`` [n], ``box`` [n,4] (x0,y0,x1,y1 in [0,1])
+    and ``mask`` [n,H,W] uint8 (0 background, 1+class on the digit's pixels)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if canvas < DIGIT_SIZE[1] + 2:
+        raise ValueError(f"canvas {canvas} is too small for digits up to {DIGIT_SIZE[1]} px")
+    return _make_split(split, n, canvas, seed)
+
+
+@lru_cache(maxsize=8)
+def _make_split(split: str, n: int, canvas: int, seed: int) -> dict[str, np.ndarray]:
+    targets = _source_digits()[1]
+    pool = _split_indices(split)
+    # Distinct streams per split so that train/test never share a layout either.
+    rng = np.random.default_rng([seed, SPLITS.index(split), canvas])
+    images = np.zeros((n, 1, canvas, canvas), np.float32)
+    masks = np.zeros((n, canvas, canvas), np.uint8)
+    labels = np.zeros(n, np.int64)
+    boxes = np.zeros((n, 4), np.float32)
+    for k in range(n):
+        img = images[k, 0]
+        for _ in range(rng.integers(CLUTTER[0], CLUTTER[1] + 1)):
+            src = _scaled_digit(int(rng.choice(pool)), int(rng.integers(*DIGIT_SIZE)))
+            f = int(rng.integers(*FRAGMENT))
+            sy, sx = rng.integers(0, src.shape[0] - f + 1, size=2)
+            y, x = rng.integers(0, canvas - f + 1, size=2)
+            np.maximum(img[y : y + f, x : x + f], src[sy : sy + f, sx : sx + f], out=img[y : y + f, x : x + f])
+        i = int(rng.choice(pool))
+        size = int(rng.integers(DIGIT_SIZE[0], DIGIT_SIZE[1] + 1))
+        digit = _scaled_digit(i, size)
+        y, x = rng.integers(0, canvas - size + 1, size=2)
+        region = img[y : y + size, x : x + size]
+        np.maximum(region, digit, out=region)
+        on = digit > 0.35
+        masks[k, y : y + size, x : x + size][on] = 1 + targets[i]
+        ys, xs = np.nonzero(on)
+        boxes[k] = [(x + xs.min()) / canvas, (y + ys.min()) / canvas, (x + xs.max() + 1) / canvas,
+                    (y + ys.max() + 1) / canvas]
+        labels[k] = targets[i]
+    images += rng.normal(0.0, NOISE, images.shape).astype(np.float32)
+    np.clip(images, 0.0, 1.0, out=images)
+    return {"image": images, "label": labels, "box": boxes, "mask": masks}
+
+
+def test_images(n: int, canvas: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Real test-split images and labels: what parity checks and clients send."""
+    d = make_split("test", n, canvas, seed)
+    return d["image"], d["label"]
+
+
+def save_sample_grid(path, n: int = 16, canvas: int = 64, seed: int = 0) -> None:
+    """A PNG grid of training samples with their digit boxes, for people to look at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    d = make_split("train", n, canvas, seed)
+    cols = 8
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.7))
+    for k, ax in enumerate(np.atleast_1d(axes).ravel()):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(d["image"][k, 0], cmap="gray", vmin=0, vmax=1)
+        x0, y0, x1, y1 = d["box"][k] * canvas
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1))
+        ax.set_title(str(d["label"][k]), fontsize=8)
+    fig.suptitle("cluttered digits (train split) with digit boxes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

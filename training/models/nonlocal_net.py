@@ -1,0 +1,120 @@
+"""Non-local blocks ("Non-local Neural Networks", Wang et al. 2018) in a small CNN classifier.
+
+y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j),  z = W y + x.  Four pairwise functions f:
+  gaussian            exp(x_i . x_j)                        C = sum_j f  (softmax)
+  embedded gaussian   exp(theta(x_i) . phi(x_j))            C = sum_j f  (softmax)
+  dot product         theta(x_i) . phi(x_j)                 C = N
+  concatenation       ReLU(w . [theta(x_i), phi(x_j)])      C = N
+
+Export-minded choices (the "hard ops"):
+- N for the dot/concat normalisation is read from the tensor's runtime shape, so the exported graph
+  divides by Shape(...) and stays right at any input size; never a constant frozen at export.
+- Concatenation never materialises the [N, N, 2C'] pair tensor: w = [w_theta; w_phi] splits the dot
+  product into a column term plus a row term that broadcast to [N, N].
+- Softmax variants use softmax (max-subtracted in every runtime) rather than exp/sum, so they stay
+  finite in fp16; the gaussian's raw x_i . x_j logits are still large, so its affinity and softmax
+  are kept in fp32 in FP16 graphs (spec.export.fp16_keep_fp32_ops).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.models.common import SmallCNN, accuracy
+from training.registry import (
+    Checks,
+    ExportOptions,
+    ModelSpec,
+    TrainRecipe,
+    class_logits,
+    image_input,
+    register_model,
+)
+
+MODES = ("gaussian", "embedded", "dot", "concat")
+
+
+class NonLocalBlock(nn.Module):
+    def __init__(self, channels: int, mode: str = "embedded", inter_channels: int | None = None,
+                 sub_sample: bool = True) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown non-local mode {mode!r}; expected one of {MODES}")
+        self.mode = mode
+        inter = inter_channels or max(channels // 2, 1)
+        self.g = nn.Conv2d(channels, inter, 1)
+        if mode != "gaussian":
+            self.theta = nn.Conv2d(channels, inter, 1)
+            self.phi = nn.Conv2d(channels, inter, 1)
+        if mode == "concat":
+            # w . [theta_i, phi_j] = w_theta . theta_i + w_phi . phi_j (decomposed weight).
+            self.w_theta = nn.Conv2d(inter, 1, 1, bias=False)
+            self.w_phi = nn.Conv2d(inter, 1, 1, bias=False)
+        self.pool = nn.MaxPool2d(2) if sub_sample else nn.Identity()
+        self.W = nn.Conv2d(inter, channels, 1)
+        # Zero W: the block starts as the identity and cannot disturb a pretrained path.
+        nn.init.zeros_(self.W.weight)
+        nn.init.zeros_(self.W.bias)
+
+    def affinity(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pairwise weights f(x_i, x_j)/C(x): [B, N_i, N_j]."""
+        if self.mode == "gaussian":
+            q = x.flatten(2).transpose(1, 2)  # [B, N, C]
+            k = self.pool(x).flatten(2)  # [B, C, Nj]
+            return torch.softmax(q @ k, dim=-1)
+        q = self.theta(x).flatten(2).transpose(1, 2)  # [B, N, C']
+        kmap = self.pool(self.phi(x))
+        if self.mode == "embedded":
+            return torch.softmax(q @ kmap.flatten(2), dim=-1)
+        n = kmap.shape[-2] * kmap.shape[-1]  # runtime N_j: symbolic in the exported graph
+        if self.mode == "dot":
+            return (q @ kmap.flatten(2)) / n
+        col = self.w_theta(self.theta(x)).flatten(2).transpose(1, 2)  # [B, N, 1]
+        row = self.w_phi(kmap).flatten(2)  # [B, 1, Nj]
+        return torch.relu(col + row) / n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.affinity(x)
+        v = self.pool(self.g(x)).flatten(2).transpose(1, 2)  # [B, Nj, C']
+        y = (f @ v).transpose(1, 2).unflatten(2, x.shape[-2:])  # [B, C', H, W]
+        return x + self.W(y)
+
+
+def nonlocal_cnn(mode: str) -> SmallCNN:
+    return SmallCNN(mid=NonLocalBlock(32, mode))
+
+
+def _metrics(outputs, data) -> dict[str, float]:
+    return {"accuracy": accuracy(outputs[0], data["label"])}
+
+
+_OUTPUTS = (class_logits(),)
+_RECIPE = TrainRecipe(steps=900, batch_size=64, lr=3e-3, metrics=_metrics)
+
+register_model(ModelSpec(
+    name="cnn",
+    family="cnn",
+    builder=SmallCNN,
+    description="plain small CNN of the same size: the baseline the attention models are compared with",
+    inputs=(image_input(),),
+    outputs=_OUTPUTS,
+    train=_RECIPE,
+    checks=Checks(min_accuracy=0.93),
+))
+
+for _mode in MODES:
+    register_model(ModelSpec(
+        name=f"nonlocal_{_mode}",
+        family="nonlocal",
+        builder=lambda m=_mode: nonlocal_cnn(m),
+        description=f"small CNN with a {_mode} non-local block at 1/4 resolution",
+        inputs=(image_input(),),
+        outputs=_OUTPUTS,
+        train=_RECIPE,
+        export=ExportOptions(
+            # The gaussian's logits x_i . x_j are unbounded (no learned scale): keep them in fp32.
+            fp16_keep_fp32_ops=("MatMul", "Softmax") if _mode == "gaussian" else (),
+        ),
+        checks=Checks(min_accuracy=0.95),
+    ))

@@ -1,0 +1,11 @@
+"""Where each stage reads and writes. Overridable by environment for tests and CI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS_DIR = Path(os.environ.get("ATTNZOO_ARTIFACTS", REPO_ROOT / "artifacts"))
+REPOSITORY_DIR = Path(os.environ.get("ATTNZOO_REPOSITORY", REPO_ROOT / "model_repository"))
+REPORTS_DIR = Path(os.environ.get("ATTNZOO_REPORTS", REPO_ROOT / "reports"))

@@ -1,0 +1,97 @@
+"""The one training loop every model uses; model-specific parts come from the spec's recipe."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.checkpoints import checkpoint_path, load_metrics, save_checkpoint
+from training.data import make_split
+from training.models.common import accuracy, classification_loss
+from training.registry import ModelSpec, get_spec
+
+
+def _batches(data: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator):
+    n = len(data["label"])
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            yield {k: torch.from_numpy(v[idx]) for k, v in data.items()}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, ...]:
+    """All outputs of ``model`` over ``images``, concatenated (numpy)."""
+    model.eval()
+    chunks = [model(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return tuple(np.concatenate([c[k].numpy() for c in chunks]) for k in range(len(chunks[0])))
+
+
+def evaluate(spec: ModelSpec, model: torch.nn.Module, test: dict[str, np.ndarray]) -> dict[str, float]:
+    outputs = predict(model, test["image"])
+    logits = outputs[spec.output_names.index(spec.logits_output())]
+    metrics = {"accuracy": accuracy(logits, test["label"])}
+    if spec.train.metrics is not None:
+        metrics.update(spec.train.metrics(outputs, test))
+    return metrics
+
+
+def bar_failures(spec: ModelSpec, metrics: dict[str, float]) -> list[str]:
+    failures = []
+    if metrics["accuracy"] < spec.checks.min_accuracy:
+        failures.append(f"test accuracy {metrics['accuracy']:.4f} < {spec.checks.min_accuracy}")
+    if spec.checks.bars is not None:
+        failures += spec.checks.bars(metrics)
+    return failures
+
+
+def train_model(name: str, steps: int | None = None, train_size: int | None = None,
+                test_size: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train ``name`` with its recipe (overrides are for tests), evaluate, and save the checkpoint."""
+    spec = get_spec(name)
+    r = spec.train
+    steps = steps or r.steps
+    torch.manual_seed(r.seed)
+    train = make_split("train", train_size or r.train_size, r.canvas, r.seed)
+    test = make_split("test", test_size or r.test_size, r.canvas, r.seed)
+    model = spec.builder()
+    loss_fn = r.loss or classification_loss
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    batches = _batches(train, min(r.batch_size, len(train["label"])), np.random.default_rng(r.seed))
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"train {name}", disable=not progress, leave=False, mininterval=2)
+    for step in bar:
+        batch = next(batches)
+        loss, log = loss_fn(model(batch["image"]), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()})
+    train_s = time.perf_counter() - start
+    metrics: dict[str, Any] = evaluate(spec, model, test)
+    metrics.update(steps=steps, train_seconds=round(train_s, 1),
+                   params=sum(p.numel() for p in model.parameters()))
+    metrics["bar_failures"] = bar_failures(spec, metrics)
+    if save:
+        save_checkpoint(name, model.eval(), metrics)
+    return metrics
+
+
+def ensure_trained(name: str, progress: bool = True) -> dict[str, Any]:
+    """Train only when the checkpoint is missing (what `make export` calls)."""
+    if checkpoint_path(name).exists():
+        return load_metrics(name)
+    return train_model(name, progress=progress)
