@@ -1,0 +1,116 @@
+"""Export CLI, graph checks and the parity gate: on untrained models (always) and trained ones (after make export)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from export.onnx_export import ExportError, check_graph, export_onnx
+from export.parity import ParityError, check_parity
+from export.runtime import ort_session
+from tests.conftest import require_checkpoint, require_onnx
+from training import create_model, get_spec, list_models, load_trained
+from training.paths import REPO_ROOT
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_unknown_model_is_one_line():
+    r = _cli("export", "resnet9000")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: unknown model 'resnet9000'; known models: {', '.join(list_models())}"]
+
+
+def test_cli_missing_checkpoint_names_the_file(tmp_path):
+    r = _cli("export", "cnn", "--no-train", env_extra={"ATTNZOO_ARTIFACTS": str(tmp_path),
+                                                          "ATTNZOO_REPOSITORY": str(tmp_path / "repo"),
+                                                          "ATTNZOO_REPORTS": str(tmp_path / "reports")})
+    assert r.returncode == 1
+    assert f"no checkpoint for model 'cnn' at {tmp_path / 'cnn.pt'}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corrupt_onnx_file_is_named(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07 this is not a protobuf")
+    with pytest.raises(RuntimeError, match=f"onnxruntime cannot load {bad}"):
+        ort_session(bad)
+    with pytest.raises(ExportError, match=f"ONNX check failed for {bad}"):
+        check_graph(bad, get_spec("cnn"))
+    with pytest.raises(FileNotFoundError, match="ONNX file not found"):
+        ort_session(tmp_path / "missing.onnx")
+
+
+@pytest.fixture(scope="module")
+def untrained_cnn(tmp_path_factory):
+    spec, model = get_spec("cnn"), create_model("cnn").eval()
+    path = export_onnx(spec, model, tmp_path_factory.mktemp("cnn") / "model.onnx")
+    return spec, model, path
+
+
+def test_export_has_named_dynamic_axes_and_metadata(untrained_cnn):
+    spec, _, path = untrained_cnn
+    proto = onnx.load(path)
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, "height", "width"]
+    assert [o.name for o in proto.graph.output] == list(spec.output_names)
+    assert {p.key: p.value for p in proto.metadata_props}["attnzoo.model"] == "cnn"
+    assert next(o.version for o in proto.opset_import if o.domain == "") == spec.export.opset
+
+
+def test_parity_gate_passes_then_catches_a_tampered_graph(untrained_cnn, tmp_path):
+    spec, model, path = untrained_cnn
+    result = check_parity(spec, model, path)
+    assert not result.failures and result.worst <= spec.checks.fp32_max_abs
+    assert {(c["batch"], c["side"]) for c in result.cases} == {(b, s) for b in (1, 8, 64) for s in (64, 80)}
+    proto = onnx.load(path)
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")  # the classifier layer
+    init = next(t for t in proto.graph.initializer if t.name == gemm.input[2])
+    arr = numpy_helper.to_array(init).copy()
+    arr[3] += 0.5  # one bias off: the gate must notice
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, tampered)
+    with pytest.raises(ParityError, match=r"parity gate failed for .*tampered.onnx: cnn at batch \d+, \d+x\d+: "
+                                          r"output 'logits': max abs error"):
+        check_parity(spec, model, tampered)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_trained_graph_parity(name):
+    """The deployed graph vs its torch reference on real test images, every batch size and input side."""
+    require_checkpoint(name)
+    path = require_onnx(name)
+    spec = get_spec(name)
+    result = check_parity(spec, load_trained(name), path)
+    assert result.worst <= spec.checks.fp32_max_abs and result.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_trained_model_meets_its_bars(name):
+    require_checkpoint(name)
+    from training.checkpoints import load_metrics
+
+    m = load_metrics(name)
+    assert m["accuracy"] >= get_spec(name).checks.min_accuracy, m
+    assert m["bar_failures"] == [], m["bar_failures"]
+
+
+def test_dynamic_batch_runs_in_onnxruntime(untrained_cnn):
+    _, model, path = untrained_cnn
+    sess = ort_session(path)
+    for b in (1, 5):
+        x = np.random.default_rng(b).random((b, 1, 72, 56), dtype=np.float32)
+        with torch.no_grad():
+            np.testing.assert_allclose(sess.run(None, {"image": x})[0], model(torch.from_numpy(x))[0].numpy(),
+                                       atol=1e-5)
