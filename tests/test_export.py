@@ -114,3 +114,12 @@ def test_dynamic_batch_runs_in_onnxruntime(untrained_cnn):
         with torch.no_grad():
             np.testing.assert_allclose(sess.run(None, {"image": x})[0], model(torch.from_numpy(x))[0].numpy(),
                                        atol=1e-5)
+
+
+def test_verify_cli_names_a_corrupt_file(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"garbage")
+    r = _cli("export.verify", "cnn", "--onnx", str(bad))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: ONNX check failed for {bad}")
