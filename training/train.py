@@ -91,7 +91,8 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
 
 
 def ensure_trained(name: str, progress: bool = True) -> dict[str, Any]:
-    """Train only when the checkpoint is missing (what `make export` calls)."""
-    if checkpoint_path(name).exists():
-        return load_metrics(name)
+    """Train only when the checkpoint is missing or was trained to another recipe (what `make export` calls)."""
+    metrics = load_metrics(name) if checkpoint_path(name).exists() else {}
+    if metrics.get("steps") == get_spec(name).train.steps:
+        return metrics
     return train_model(name, progress=progress)

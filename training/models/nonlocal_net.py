@@ -90,7 +90,7 @@ def _metrics(outputs, data) -> dict[str, float]:
 
 
 _OUTPUTS = (class_logits(),)
-_RECIPE = TrainRecipe(steps=900, batch_size=64, lr=3e-3, metrics=_metrics)
+_RECIPE = TrainRecipe(steps=1500, batch_size=64, lr=3e-3, metrics=_metrics)
 
 register_model(ModelSpec(
     name="cnn",
