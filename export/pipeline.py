@@ -65,12 +65,12 @@ def export_model(name: str, custom_ops: bool = False, slim: bool = True, train: 
 
 def _tensorrt_parse(path: Path) -> str:
     try:
-        from export.tensorrt import TensorRTUnavailable, parse_onnx
+        from export.tensorrt import TensorRTUnavailableError, parse_onnx
     except ImportError as e:
         return f"skipped ({e})"
     try:
         report = parse_onnx(path)  # raises TensorRTParseError naming the node
-    except TensorRTUnavailable as e:
+    except TensorRTUnavailableError as e:
         return f"skipped ({e})"
     return f"parsed ({report.flavour} {report.version})"
 

@@ -1,0 +1,9 @@
+"""Serving: spec -> model_repository/ -> tritonserver -> clients.
+
+Modules (heavy imports are lazy, so ``import serving`` stays light):
+- ``serving.repository``: config.pbtxt generation (cpu/gpu targets) + validation with Triton's protobuf.
+- ``serving.backend/model.py``: the one generic python-backend model (onnxruntime inside).
+- ``serving.server``: start/stop/ready of the real tritonserver, as CLI and context manager.
+- ``serving.client``: tritonclient wrapper and CLI.
+- ``serving.bench``: latency / throughput tables and plots.
+"""

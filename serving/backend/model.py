@@ -1,0 +1,140 @@
+"""The one generic Triton python-backend model: an onnxruntime session on ``<model dir>/<version>/model.onnx``.
+
+Copied unchanged into every model's version folder by ``serving.repository``; everything model-specific
+(input/output names and dtypes, the ONNX file, thread count) comes from the model's own config.pbtxt.
+
+Per ``execute`` call Triton hands over the requests the dynamic batcher gathered. They are grouped by
+per-sample shape (H, W are dynamic, and only equal shapes concatenate), each group runs as ONE onnxruntime
+batch, and the outputs are split back: exactly one response per request, in order. A bad request (NaN/Inf,
+empty batch) gets its own error response; it never fails the others in the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _error(message: str):
+    return pb_utils.InferenceResponse(
+        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import onnxruntime as ort
+
+        cfg = json.loads(args["model_config"])
+        self.name = cfg["name"]
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file") or "model.onnx")
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(f"model '{self.name}': missing ONNX file {path}")
+
+        # Instances are separate processes sharing the host's cores: split the cores among them.
+        instances = sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1
+        threads = int(params.get("intra_op_threads") or 0) or max(1, _usable_cores() // instances)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning worker threads burn the cores that the server and clients share on a small host.
+        so.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning") or "0")
+        try:
+            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types for corrupt/unreadable graphs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file {path}: {first}") from None
+
+        self.inputs = [i["name"] for i in cfg["input"]]
+        self.outputs = [o["name"] for o in cfg["output"]]
+        self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in cfg["output"]}
+        graph_in = {i.name for i in self.session.get_inputs()}
+        graph_out = {o.name for o in self.session.get_outputs()}
+        if set(self.inputs) != graph_in or not set(self.outputs) <= graph_out:
+            raise pb_utils.TritonModelException(
+                f"model '{self.name}': config inputs {self.inputs} / outputs {self.outputs} do not match "
+                f"{path} (inputs {sorted(graph_in)}, outputs {sorted(graph_out)})"
+            )
+
+    def _read(self, request) -> list[np.ndarray]:
+        arrays = []
+        for name in self.inputs:
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is None:
+                raise BadRequest(f"model '{self.name}': missing input '{name}'")
+            a = t.as_numpy()
+            if a.ndim == 0 or a.shape[0] == 0:
+                raise BadRequest(f"model '{self.name}': input '{name}' is an empty batch (shape {list(a.shape)})")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad = int(a.size - np.isfinite(a).sum())
+                raise BadRequest(
+                    f"model '{self.name}': input '{name}' has {bad} NaN/Inf value(s) of {a.size}; "
+                    "send finite values"
+                )
+            arrays.append(a)
+        return arrays
+
+    def _run(self, batch: list[np.ndarray]) -> list[np.ndarray]:
+        outs = self.session.run(self.outputs, dict(zip(self.inputs, batch, strict=True)))
+        return [np.ascontiguousarray(o, dtype=self.out_dtypes[n]) for n, o in zip(self.outputs, outs, strict=True)]
+
+    def _respond(self, arrays_per_request: list[list[np.ndarray]]) -> list:
+        sizes = [a[0].shape[0] for a in arrays_per_request]
+        if len(arrays_per_request) == 1:
+            batch = arrays_per_request[0]
+        else:
+            batch = [np.concatenate(parts, axis=0) for parts in zip(*arrays_per_request, strict=True)]
+        outs = self._run(batch)
+        responses, start = [], 0
+        for n in sizes:
+            tensors = [pb_utils.Tensor(name, o[start:start + n]) for name, o in zip(self.outputs, outs, strict=True)]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += n
+        return responses
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[np.ndarray]]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                arrays = self._read(request)
+            except BadRequest as e:
+                responses[i] = _error(str(e))
+                continue
+            key = tuple((a.shape[1:], a.dtype.str) for a in arrays)
+            groups.setdefault(key, []).append((i, arrays))
+
+        for members in groups.values():
+            try:
+                for (i, _), r in zip(members, self._respond([a for _, a in members]), strict=True):
+                    responses[i] = r
+            except Exception:
+                # One batch failed: run each request alone so only the offending ones get the error.
+                for i, arrays in members:
+                    try:
+                        responses[i] = self._respond([arrays])[0]
+                    except Exception as e:
+                        shapes = [list(a.shape) for a in arrays]
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        responses[i] = _error(f"model '{self.name}': inference failed for input shape(s) "
+                                              f"{shapes}: {first}")
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None

@@ -1,0 +1,506 @@
+"""Latency and throughput of every served model: in-process torch and onnxruntime vs Triton over gRPC and
+HTTP, dynamic batching on and off, at concurrency 1 and 16, all in one run on one host.
+
+Triton is measured with ``perf_analyzer`` (shipped by ``tritonclient[all]``) where it runs, else with a
+Python client loop. The pass-through model (``passthrough``: Identity through the same python backend)
+measures the fixed per-request cost of the serving path, the *floor*; each model's served overhead is
+reported against it. Targets checked in the same run:
+- served p50 at batch 1 (gRPC, concurrency 1) <= in-process onnxruntime p50 + 1.2 x floor;
+- at concurrency 16, dynamic batching gives >= 2x the throughput of batching off.
+
+Writes ``reports/bench.md`` (tables), ``reports/bench.json`` (every row) and ``reports/bench.png``.
+
+    python -m serving.bench [--models cnn racnn] [--quick] [--untrained]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving import repository as rep
+
+FLOOR_FACTOR = 1.2  # served p50 <= onnxruntime p50 + FLOOR_FACTOR x floor
+MIN_BATCHING_GAIN = 2.0  # throughput at concurrency 16, dynamic batching on / off
+
+
+@dataclass
+class Row:
+    model: str
+    runtime: str  # torch | onnxruntime | triton
+    protocol: str  # in-process | grpc | http
+    batching: str  # on | off | - (in-process)
+    concurrency: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # requests (= images, batch 1) per second
+    requests: int
+    tool: str  # perf_analyzer | python
+    avg_server_batch: float | None = None  # images per execution on the server (shows the batcher at work)
+
+
+@dataclass
+class Settings:
+    concurrency: tuple[int, ...] = (1, 16)
+    protocols: tuple[str, ...] = ("grpc", "http")
+    window_ms: int = 3000  # perf_analyzer -p (measurement window)
+    stability: int = 50  # % (2 noisy cores: the default 10 never stabilises)
+    max_trials: int = 5
+    inprocess_s: float = 3.0
+    tool: str = "auto"  # auto | perf_analyzer | python
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def example_inputs(spec, batch: int = 1) -> dict[str, np.ndarray]:
+    """Real test images for image inputs (at the trained canvas), zeros for anything else."""
+    side = spec.train.canvas
+    out = {}
+    for t in spec.inputs:
+        shape = [batch, *(side if d < 0 else d for d in t.shape)]
+        if t.kind == "image":
+            from training.data import test_images
+
+            images, _ = test_images(batch, canvas=side)
+            out[t.name] = np.ascontiguousarray(images.reshape(shape), dtype=t.dtype)
+        else:
+            out[t.name] = np.zeros(shape, t.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------- in-process
+
+
+def _stats(lat_s: list[float], elapsed: float) -> tuple[float, float, float, float]:
+    ms = np.asarray(lat_s) * 1e3
+    p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
+    return p50, p95, p99, len(ms) / elapsed
+
+
+def measure_callable(fn: Callable[[], Any], concurrency: int, duration: float, warmup: int = 5
+                     ) -> tuple[float, float, float, float, int]:
+    """``concurrency`` threads call ``fn`` back to back for ``duration`` s: (p50, p95, p99 ms, req/s, n)."""
+    for _ in range(warmup):
+        fn()
+    lats: list[list[float]] = [[] for _ in range(concurrency)]
+    start = time.perf_counter()
+    stop_at = start + duration
+
+    def worker(k: int) -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            fn()
+            lats[k].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    flat = [x for lat in lats for x in lat]
+    return (*_stats(flat, elapsed), len(flat))
+
+
+def ort_session(path: Path, threads: int | None = None):
+    """Same session options as the served python backend (serving/backend/model.py), for a fair floor."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def torch_model(name: str):
+    """The trained model where a checkpoint exists, else fresh weights (same latency): (model, note)."""
+    from training import MissingCheckpointError, create_model, load_trained
+
+    if name == rep.FLOOR_MODEL:
+        return rep.floor_spec().builder().eval(), ""
+    try:
+        return load_trained(name), ""
+    except MissingCheckpointError:
+        return create_model(name).eval(), "untrained weights"
+
+
+# ------------------------------------------------------------------------------------------ triton
+
+
+def perf_analyzer_bin() -> Path | None:
+    path = Path(sys.executable).parent / "perf_analyzer"
+    found = path if path.exists() else shutil.which("perf_analyzer")
+    return Path(found) if found else None
+
+
+def perf_analyzer_works() -> bool:
+    from serving.server import prepare_runtime, server_env
+
+    exe = perf_analyzer_bin()
+    if exe is None:
+        return False
+    # Exit 127 "error while loading shared libraries" until libb64.so.0d / libcudart.so.12 are found.
+    r = subprocess.run([str(exe), "--version"], env=server_env(prepare_runtime()), capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def run_perf_analyzer(model: str, url: str, protocol: str, concurrency: int, data_json: Path, s: Settings
+                      ) -> tuple[float, float, float, float, int]:
+    from serving.server import prepare_runtime, server_env
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pa.csv"
+        cmd = [str(perf_analyzer_bin()), "-m", model, "-u", url, "-i", protocol, "-b", "1",
+               "--concurrency-range", str(concurrency), "--input-data", str(data_json),
+               "-p", str(s.window_ms), "--stability-percentage", str(s.stability),
+               "--max-trials", str(s.max_trials), "-f", str(out)]
+        r = subprocess.run(cmd, env=server_env(prepare_runtime()), capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 or not out.exists():
+            tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"perf_analyzer failed for {model} ({protocol}, c={concurrency}): {' | '.join(tail)}")
+        row = next(csv.DictReader(out.open()))
+    us = 1e-3
+    p50, p95, p99 = (float(row[f"p{q} latency"]) * us for q in (50, 95, 99))
+    thr = float(row["Inferences/Second"])
+    return p50, p95, p99, thr, int(thr * s.window_ms / 1e3)
+
+
+def run_python_client(model: str, url: str, protocol: str, concurrency: int, inputs: dict[str, np.ndarray],
+                      s: Settings) -> tuple[float, float, float, float, int]:
+    """Fallback: sync requests from ``concurrency`` threads, one client each (tritonclient.http clients
+    are not thread-safe; gRPC ones are, but one each keeps the two protocols comparable)."""
+    from serving.client import Client
+
+    local = threading.local()
+
+    def call() -> None:
+        if not hasattr(local, "c"):
+            local.c = Client(model, protocol, url)
+        local.c.infer(inputs, validate=False)
+
+    return measure_callable(call, concurrency, s.inprocess_s, warmup=0)
+
+
+def server_counts(server, model: str) -> tuple[int, int]:
+    from serving.server import _http
+
+    code, body = _http("GET", f"http://{server.http_url}/v2/models/{model}/stats")
+    st = body["model_stats"][0] if code == 200 else {}
+    return int(st.get("inference_count", 0)), int(st.get("execution_count", 0))
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, log: Callable[[str], None]
+                ) -> tuple[list[Row], str]:
+    import torch
+
+    spec = rep.spec_for(name)
+    inputs = example_inputs(spec)
+    rows: list[Row] = []
+
+    def add(runtime, protocol, batching, c, res, tool, avg_batch=None):
+        rows.append(Row(name, runtime, protocol, batching, c, *(round(v, 4) for v in res[:4]), res[4], tool,
+                        avg_batch))
+        r = rows[-1]
+        avg = f"  avg batch {avg_batch:.1f}" if avg_batch else ""
+        log(f"  {name:18s} {runtime:11s} {protocol:10s} batching {batching:3s} c={c:<3d} p50 {r.p50_ms:8.3f} ms  "
+            f"p99 {r.p99_ms:8.3f} ms  {r.throughput:8.1f} req/s{avg}")
+
+    # In-process references, on the same cores the server uses.
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model, note = torch_model(name)
+    tx = [torch.from_numpy(v) for v in inputs.values()]
+
+    def torch_call() -> None:
+        with torch.inference_mode():  # thread-local: entered in each worker thread
+            model(*tx)
+
+    for c in s.concurrency:
+        add("torch", "in-process", "-", c, measure_callable(torch_call, c, s.inprocess_s), "python")
+    sess = ort_session(onnx_file)
+    for c in s.concurrency:
+        add("onnxruntime", "in-process", "-", c, measure_callable(lambda: sess.run(None, inputs), c, s.inprocess_s),
+            "python")
+
+    data_json = None
+    if use_pa:
+        data_json = Path(tempfile.mkstemp(suffix=".json")[1])
+        data_json.write_text(json.dumps({"data": [{k: {"content": v[0].ravel().tolist(), "shape": list(v.shape[1:])}
+                                                   for k, v in inputs.items()}]}))
+    try:
+        for batching in ("on", "off"):
+            cfg = rep.model_config(spec, "cpu", dynamic_batching=batching == "on")
+            server.load(name, config=rep.config_json(cfg))  # config override: same files, batcher on/off
+            for protocol in s.protocols:
+                url = server.grpc_url if protocol == "grpc" else server.http_url
+                for c in s.concurrency:
+                    inf0, exe0 = server_counts(server, name)
+                    tool = "perf_analyzer" if use_pa else "python"
+                    if use_pa:
+                        try:
+                            res = run_perf_analyzer(name, url, protocol, c, data_json, s)
+                        except RuntimeError:
+                            # Noisy host: no stable window. One retry with a window twice as long, then the
+                            # Python client (marked as such in the table).
+                            try:
+                                res = run_perf_analyzer(name, url, protocol, c, data_json,
+                                                        replace(s, window_ms=2 * s.window_ms))
+                            except RuntimeError as e:
+                                log(f"  {e}; measuring with the Python client instead")
+                                res, tool = run_python_client(name, url, protocol, c, inputs, s), "python"
+                    else:
+                        res = run_python_client(name, url, protocol, c, inputs, s)
+                    inf1, exe1 = server_counts(server, name)
+                    avg = round((inf1 - inf0) / max(exe1 - exe0, 1), 2)
+                    add("triton", protocol, batching, c, res, tool, avg)
+    finally:
+        server.load(name, config=rep.config_json(rep.model_config(spec, "cpu")))
+        if data_json:
+            data_json.unlink(missing_ok=True)
+    return rows, note
+
+
+def _find(rows: list[Row], **kw) -> Row | None:
+    return next((r for r in rows if all(getattr(r, k) == v for k, v in kw.items())), None)
+
+
+def summarize(rows: list[Row]) -> dict[str, Any]:
+    """Floor, per-model overhead against it, and the two targets."""
+    c_lo, c_hi = min(r.concurrency for r in rows), max(r.concurrency for r in rows)
+    floors = {(p, b): _find(rows, model=rep.FLOOR_MODEL, runtime="triton", protocol=p, batching=b, concurrency=c_lo)
+              for p in ("grpc", "http") for b in ("on", "off")}
+    out: dict[str, Any] = {"floor_ms": {f"{p}/{b}": r.p50_ms for (p, b), r in floors.items() if r}, "models": {}}
+    for m in dict.fromkeys(r.model for r in rows):
+        ort = _find(rows, model=m, runtime="onnxruntime", concurrency=c_lo)
+        d: dict[str, Any] = {"onnxruntime_p50_ms": ort.p50_ms if ort else None}
+        judged = m != rep.FLOOR_MODEL  # the floor is the yardstick, not a candidate
+        for p in ("grpc", "http"):
+            x: dict[str, Any] = {}
+            served = _find(rows, model=m, runtime="triton", protocol=p, batching="on", concurrency=c_lo)
+            floor = floors.get((p, "on"))
+            if served and ort and floor:
+                over = served.p50_ms - ort.p50_ms
+                target = ort.p50_ms + FLOOR_FACTOR * floor.p50_ms
+                x.update({"served_p50_ms": served.p50_ms, "overhead_ms": round(over, 4),
+                          "overhead_in_floors": round(over / floor.p50_ms, 3), "latency_target_ms": round(target, 4)})
+                if judged:
+                    x["latency_ok"] = served.p50_ms <= target
+            on = _find(rows, model=m, runtime="triton", protocol=p, batching="on", concurrency=c_hi)
+            off = _find(rows, model=m, runtime="triton", protocol=p, batching="off", concurrency=c_hi)
+            if on and off and c_hi > 1:
+                gain = on.throughput / max(off.throughput, 1e-9)
+                x.update({f"throughput_c{c_hi}_on": on.throughput, f"throughput_c{c_hi}_off": off.throughput,
+                          "batching_gain": round(gain, 2)})
+                if judged:
+                    x["batching_ok"] = gain >= MIN_BATCHING_GAIN
+            if x:
+                d[p] = x
+        out["models"][m] = d
+    return out
+
+
+def write_markdown(path: Path, rows: list[Row], summary: dict[str, Any], meta: dict[str, Any]) -> None:
+    c_hi = max(r.concurrency for r in rows)
+    lines = ["# Serving benchmark", "",
+             f"Generated by `python -m serving.bench` on {meta['host']} ({meta['cpus']} CPUs, load average "
+             f"{meta['loadavg']} at start, {meta['loadavg_end']} at the end), {meta['date']}. "
+             f"Triton {meta['triton']} (pip nvidia-pytriton, python backend + onnxruntime {meta['onnxruntime']}); "
+             f"Triton measured with {meta['tool']} "
+             f"({meta['tool_args']}). Batch 1 per request; latency in ms.", ""]
+    floor = summary["floor_ms"]
+    lines += ["**Floor** (pass-through model through the same python backend, p50 at concurrency 1): "
+              + ", ".join(f"{k} {v:.3f} ms" for k, v in floor.items()), ""]
+    lines += ["## Targets", "",
+              f"Served p50 (batching on, concurrency 1) <= onnxruntime p50 + {FLOOR_FACTOR} x floor; "
+              f"dynamic batching at concurrency {c_hi} >= {MIN_BATCHING_GAIN:g}x the throughput of batching off.", "",
+              "| model | protocol | onnxruntime p50 | served p50 | overhead | overhead / floor | target p50 | "
+              f"latency | req/s c{c_hi} on | req/s c{c_hi} off | gain | batching |",
+              "|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|:---:|"]
+    for m, d in summary["models"].items():
+        for p in ("grpc", "http"):
+            x = d.get(p)
+            if not x:
+                continue
+            ok = {True: "PASS", False: "FAIL", None: "-"}
+            lines.append(
+                f"| {m}{' (floor)' if m == rep.FLOOR_MODEL else ''} | {p} | {d['onnxruntime_p50_ms']:.3f} | "
+                f"{x.get('served_p50_ms', float('nan')):.3f} | {x.get('overhead_ms', float('nan')):.3f} | "
+                f"{x.get('overhead_in_floors', float('nan')):.2f} | {x.get('latency_target_ms', float('nan')):.3f} | "
+                f"{ok[x.get('latency_ok')]} | {x.get(f'throughput_c{c_hi}_on', float('nan')):.0f} | "
+                f"{x.get(f'throughput_c{c_hi}_off', float('nan')):.0f} | {x.get('batching_gain', float('nan')):.2f}x | "
+                f"{ok[x.get('batching_ok')]} |")
+    lines += ["", "## All measurements", "",
+              "| model | runtime | protocol | batching | concurrency | p50 | p95 | p99 | req/s | server avg batch |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.runtime} | {r.protocol} | {r.batching} | {r.concurrency} | {r.p50_ms:.3f} | "
+                     f"{r.p95_ms:.3f} | {r.p99_ms:.3f} | {r.throughput:.1f} | "
+                     f"{'' if r.avg_server_batch is None else f'{r.avg_server_batch:.1f}'} |")
+    if meta.get("notes"):
+        lines += ["", "Notes:", *[f"- {n}" for n in meta["notes"]]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    c_lo, c_hi = min(r.concurrency for r in rows), max(r.concurrency for r in rows)
+    series = [("torch", "in-process", "-"), ("onnxruntime", "in-process", "-"), ("triton", "grpc", "on"),
+              ("triton", "grpc", "off"), ("triton", "http", "on"), ("triton", "http", "off")]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    width = 0.8 / len(series)
+    for ax, c, metric, title in ((axes[0], c_lo, "p50_ms", f"p50 latency, concurrency {c_lo} (ms)"),
+                                 (axes[1], c_hi, "throughput", f"throughput, concurrency {c_hi} (req/s)")):
+        for j, (rt, proto, b) in enumerate(series):
+            vals = [getattr(_find(rows, model=m, runtime=rt, protocol=proto, batching=b, concurrency=c) or
+                            Row(m, rt, proto, b, c, 0, 0, 0, 0, 0, ""), metric) for m in models]
+            label = rt if proto == "in-process" else f"triton {proto} batching {b}"
+            ax.bar(np.arange(len(models)) + (j - len(series) / 2 + 0.5) * width, vals, width, label=label)
+        ax.set_xticks(np.arange(len(models)), models, rotation=30, ha="right")
+        ax.set_yscale("log")  # in-process and served numbers differ by orders of magnitude
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    floor = _find(rows, model=rep.FLOOR_MODEL, runtime="triton", protocol="grpc", batching="on", concurrency=c_lo)
+    if floor:
+        axes[0].axhline(floor.p50_ms, color="k", ls="--", lw=0.8,
+                        label=f"floor (gRPC, batching on) {floor.p50_ms:.2f} ms")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | None = None, untrained: bool = False,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    from serving.server import TritonServer, free_ports
+    from training.registry import list_models
+
+    src = rep._repo_dir(repo_dir)
+    notes: list[str] = []
+    names = [m for m in (list_models() if models is None else models) if m != rep.FLOOR_MODEL]
+    with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp:
+        repo = Path(tmp)
+        served = []
+        for m in names:  # a temp repository on the exported graphs: the benchmark never edits model_repository/
+            dst = rep.onnx_path(m, repo)
+            dst.parent.mkdir(parents=True)
+            if untrained:
+                from export.onnx_export import export_onnx
+                from training.registry import create_model, get_spec
+
+                export_onnx(get_spec(m), create_model(m), dst)
+            elif rep.onnx_path(m, src).exists():
+                dst.symlink_to(rep.onnx_path(m, src).resolve())
+            else:
+                notes.append(f"{m}: not exported ({rep.onnx_path(m, src)}); run `make export`")
+                log(f"skip {m}: not exported")
+                continue
+            served.append(m)
+        if untrained:
+            notes.append("graphs exported from untrained weights (--untrained): latency only")
+        rep.write_repository(served, "cpu", repo)
+        use_pa = s.tool == "perf_analyzer" or (s.tool == "auto" and perf_analyzer_works())
+        tool_args = (f"-b 1 -p {s.window_ms} --stability-percentage {s.stability} --max-trials {s.max_trials}, "
+                     "real test image as --input-data") if use_pa else f"Python client threads, {s.inprocess_s} s"
+        meta = {"host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
+                "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M"),
+                "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                "tool": "perf_analyzer" if use_pa else "a Python client", "tool_args": tool_args, "notes": notes}
+        http, grpc, metrics = free_ports(3)
+        rows: list[Row] = []
+        with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True) as server:
+            meta["triton"] = "2.51"
+            for m in [rep.FLOOR_MODEL, *served]:  # the floor first: every later number is read against it
+                log(f"{m}:")
+                r, note = bench_model(m, server, rep.onnx_path(m, repo), s, use_pa, log)
+                rows += r
+                if note:
+                    notes.append(f"{m}: torch row uses {note} (no checkpoint)")
+    meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if max(float(meta["loadavg"].split()[0]), os.getloadavg()[0]) > 0.5 * meta["cpus"]:
+        notes.append(f"the host was busy with other work (load average {meta['loadavg']} at start, "
+                     f"{meta['loadavg_end']} at the end, on {meta['cpus']} CPUs): server, clients and those "
+                     "processes share the cores, so these numbers are noisy and throughput is understated")
+    summary = summarize(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "settings": asdict(s), "summary": summary,
+                                                    "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    write_markdown(out_dir / "bench.md", rows, summary, meta)
+    plot(out_dir / "bench.png", rows)
+    return {"meta": meta, "summary": summary, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=None, help="default: every exported model")
+    p.add_argument("--repo", type=Path, default=None, help="where the exported graphs are (default: model_repository/)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: reports/)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--protocols", nargs="+", choices=("grpc", "http"), default=["grpc", "http"])
+    p.add_argument("--tool", choices=("auto", "perf_analyzer", "python"), default="auto")
+    p.add_argument("--quick", action="store_true", help="short windows (a smoke run, noisier numbers)")
+    p.add_argument("--untrained", action="store_true", help="export fresh untrained weights (no `make export` needed)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    s = Settings(concurrency=tuple(sorted(set(args.concurrency))), protocols=tuple(args.protocols), tool=args.tool)
+    if args.quick:
+        s.window_ms, s.inprocess_s = 1000, 1.0
+    try:
+        from training import paths
+
+        out = args.out or paths.REPORTS_DIR
+        res = run(args.models, s, out, args.repo, args.untrained, log=lambda m: print(m, flush=True))
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summ = res["summary"]
+    print(f"floor (p50, concurrency 1): {summ['floor_ms']}")
+    failed = []
+    for m, d in summ["models"].items():
+        for proto in s.protocols:
+            x = d.get(proto, {})
+            print(f"{m:18s} {proto}: served p50 {x.get('served_p50_ms', float('nan')):.3f} ms vs onnxruntime "
+                  f"{d['onnxruntime_p50_ms']:.3f} ms ({x.get('overhead_in_floors', float('nan')):.2f} floors); "
+                  f"batching gain {x.get('batching_gain', float('nan')):.2f}x")
+            failed += [f"{m}/{proto}/{k}" for k in ("latency_ok", "batching_ok") if x.get(k) is False]
+    print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+    if failed:
+        print(f"targets missed: {', '.join(failed)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

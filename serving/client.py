@@ -1,0 +1,395 @@
+"""A small client for the served models, over gRPC or HTTP (``tritonclient``), and its CLI.
+
+Everything model-specific comes from the server: input names, dtypes, dims and ``max_batch_size`` from the
+model's config, and how to present each output from the config parameter ``output_kinds`` that
+``serving.repository`` writes from the spec (``logits`` -> prediction, ``scale_logits`` -> per-scale
+predictions, ``boxes`` -> coordinates, anything else -> a shape summary). So RA-CNN's APN boxes print
+with no RA-CNN code here.
+
+    python -m serving.client --model racnn --protocol grpc image.png [more.png | x.npy ...]
+    python -m serving.client --model cnn --protocol http --sample 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROTOCOLS = ("grpc", "http")
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+
+
+class ClientError(RuntimeError):
+    """A one-line problem: server down, unknown model, bad input."""
+
+
+class InferenceError(ClientError):
+    """The server answered one request with an error (``status`` is Triton's, e.g. 400 / INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int, ...]  # per sample; -1 dynamic
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    output_kinds: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    @staticmethod
+    def from_config(cfg: dict) -> ModelInfo:
+        from tritonclient.utils import triton_to_np_dtype
+
+        def tensors(key: str) -> tuple[TensorInfo, ...]:
+            out = []
+            for t in cfg.get(key, []):
+                dt = t["data_type"].removeprefix("TYPE_")
+                out.append(TensorInfo(t["name"], np.dtype(triton_to_np_dtype("BYTES" if dt == "STRING" else dt)),
+                                      tuple(int(d) for d in t["dims"])))
+            return tuple(out)
+
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        return ModelInfo(cfg["name"], int(cfg.get("max_batch_size", 0)), tensors("input"), tensors("output"),
+                         json.loads(params.get("output_kinds") or "{}"), params.get("description", ""))
+
+    def input_shape_text(self, t: TensorInfo) -> str:
+        return "[" + ", ".join(["B", *("?" if d < 0 else str(d) for d in t.dims)]) + "]"
+
+
+class Client:
+    """One model on one server. gRPC clients are thread-safe; the HTTP client is not (``infer_many`` uses its
+    asyncio API instead of threads)."""
+
+    def __init__(self, model: str, protocol: str = "grpc", url: str | None = None, *, timeout: float = 30.0) -> None:
+        if protocol not in PROTOCOLS:
+            raise ClientError(f"unknown protocol {protocol!r}; choose grpc or http")
+        self.model, self.protocol, self.timeout = model, protocol, timeout
+        self.url = url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        self._tc = tc
+        kwargs = {"network_timeout": timeout, "connection_timeout": timeout} if protocol == "http" else {}
+        try:
+            self._client = tc.InferenceServerClient(self.url, **kwargs)
+        except Exception as e:
+            raise ClientError(f"cannot create a {protocol} client for {self.url}: {e}") from None
+        self._check_server()
+        self.info = self._model_info()
+
+    # -- setup
+    def _check_server(self) -> None:
+        try:
+            live = self._client.is_server_live()
+        except Exception:
+            live = False
+        if not live:
+            raise ClientError(f"Triton server not reachable at {self.url} ({self.protocol}); "
+                              "start it with `make serve` (python -m serving.server)")
+
+    def served_models(self) -> dict[str, dict]:
+        index = self._client.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
+        rows = index.get("models", []) if isinstance(index, dict) else index
+        return {r["name"]: r for r in rows}
+
+    def _model_info(self) -> ModelInfo:
+        models = self.served_models()
+        if self.model not in models:
+            raise ClientError(f"unknown model {self.model!r}; served models: {', '.join(sorted(models)) or 'none'}")
+        state = models[self.model].get("state", "")
+        if state != "READY":
+            reason = models[self.model].get("reason", "")
+            why = f": {reason.strip().splitlines()[0]}" if reason.strip() else ""
+            raise ClientError(f"model {self.model!r} is not ready ({state or 'not loaded'}){why}")
+        if self.protocol == "grpc":
+            cfg = self._client.get_model_config(self.model, as_json=True)["config"]
+        else:
+            cfg = self._client.get_model_config(self.model)
+        return ModelInfo.from_config(cfg)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _http_many(self, items: list[dict[str, np.ndarray]], concurrency: int,
+                         check: Callable[[int, Any], dict[str, np.ndarray]]) -> list[Any]:
+        # tritonclient.http's gevent async_infer sleeps 10 ms per call (caps at ~100 req/s): use its
+        # asyncio client (tritonclient.http.aio) with at most ``concurrency`` requests in flight.
+        from tritonclient.http.aio import InferenceServerClient
+
+        client = InferenceServerClient(self.url, conn_limit=concurrency, conn_timeout=self.timeout)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> Any:
+            async with gate:
+                reqs, outs = self._request(items[i])
+                try:
+                    return check(i, await client.infer(self.model, reqs, outputs=outs, request_id=str(i)))
+                except InferenceError as e:
+                    return e
+                except Exception as e:
+                    return self._error(e)
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(len(items))))
+        finally:
+            await client.close()
+
+    # -- requests
+    def as_inputs(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if isinstance(x, dict):
+            return x
+        if len(self.info.inputs) != 1:
+            raise ClientError(f"model {self.model!r} takes {len(self.info.inputs)} inputs: pass a dict of "
+                              f"{', '.join(t.name for t in self.info.inputs)}")
+        return {self.info.inputs[0].name: x}
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> None:
+        """Client-side checks with one-line messages naming the model, input, shape or dtype."""
+        m, want = self.model, {t.name: t for t in self.info.inputs}
+        for name in inputs:
+            if name not in want:
+                raise ClientError(f"model {m!r} has no input {name!r}; its inputs: {', '.join(want)}")
+        for name, t in want.items():
+            if name not in inputs:
+                raise ClientError(f"model {m!r}: missing input {name!r}")
+            a = np.asarray(inputs[name])
+            if a.dtype != t.dtype:
+                raise ClientError(f"model {m!r} input {name!r} takes {t.dtype.name}, got {a.dtype.name}")
+            batched = self.info.max_batch_size > 0
+            per = a.shape[1:] if batched else a.shape
+            if len(per) != len(t.dims) or any(d >= 0 and d != s for d, s in zip(t.dims, per, strict=True)):
+                raise ClientError(f"model {m!r} input {name!r} takes shape {self.info.input_shape_text(t)}, "
+                                  f"got {list(a.shape)}")
+            if batched and not 1 <= a.shape[0] <= self.info.max_batch_size:
+                mbs = self.info.max_batch_size
+                raise ClientError(f"model {m!r} input {name!r}: batch of {a.shape[0]} outside 1..{mbs}")
+
+    def _request(self, inputs: dict[str, np.ndarray]) -> tuple[list, list]:
+        from tritonclient.utils import np_to_triton_dtype
+
+        tc, binary = self._tc, ({"binary_data": True} if self.protocol == "http" else {})
+        reqs = []
+        for name, a in inputs.items():
+            a = np.ascontiguousarray(a)
+            r = tc.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
+            r.set_data_from_numpy(a, **binary)
+            reqs.append(r)
+        outs = [tc.InferRequestedOutput(t.name, **binary) for t in self.info.outputs]
+        return reqs, outs
+
+    def _result(self, res: Any) -> dict[str, np.ndarray]:
+        return {t.name: res.as_numpy(t.name) for t in self.info.outputs}
+
+    def _error(self, e: Exception) -> InferenceError:
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(e, InferenceServerException):
+            msg = e.message() or str(e)
+            prefix = f"model {self.model!r}: "
+            return InferenceError(msg if msg.startswith(prefix) else prefix + msg, e.status())
+        return InferenceError(f"model {self.model!r}: {type(e).__name__}: {e}")
+
+    def infer(self, x: np.ndarray | dict[str, np.ndarray], *, validate: bool = True,
+              request_id: str = "") -> dict[str, np.ndarray]:
+        """One request; returns {output name: array}. ``validate=False`` sends as-is (server-side checks)."""
+        inputs = self.as_inputs(x)
+        if validate:
+            self.validate(inputs)
+        reqs, outs = self._request(inputs)
+        try:
+            res = self._client.infer(self.model, reqs, outputs=outs, request_id=request_id,
+                                     **({"client_timeout": self.timeout} if self.protocol == "grpc" else {}))
+        except Exception as e:
+            raise self._error(e) from None
+        return self._result(res)
+
+    def infer_many(self, batches: Sequence[np.ndarray | dict[str, np.ndarray]], concurrency: int = 16, *,
+                   validate: bool = True, return_errors: bool = False) -> list[dict[str, np.ndarray] | Exception]:
+        """Send all ``batches`` with up to ``concurrency`` in flight; results in the order of ``batches``.
+
+        Each request carries its index as request id and each response's id is checked against it, so a
+        response can never be matched to the wrong request. gRPC: threads on this (thread-safe) client;
+        HTTP: the client's asyncio API (``tritonclient.http.aio``), ``concurrency`` connections; not callable
+        from inside a running event loop. With ``return_errors`` a failed request yields its
+        ``InferenceError`` instead of raising it."""
+        items = [self.as_inputs(b) for b in batches]
+        if validate:
+            for inputs in items:
+                self.validate(inputs)
+
+        def check(i: int, res: Any) -> dict[str, np.ndarray]:
+            resp = res.get_response(**({"as_json": True} if self.protocol == "grpc" else {}))
+            rid = resp.get("id", "")
+            if rid != str(i):
+                raise InferenceError(f"model {self.model!r}: response id {rid!r} for request {i}")
+            return self._result(res)
+
+        results: list[Any] = [None] * len(items)
+        if self.protocol == "grpc":
+            def one(i: int) -> Any:
+                reqs, outs = self._request(items[i])
+                try:
+                    return check(i, self._client.infer(self.model, reqs, outputs=outs, request_id=str(i),
+                                                       client_timeout=self.timeout))
+                except InferenceError as e:
+                    return e
+                except Exception as e:
+                    return self._error(e)
+
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                results = list(pool.map(one, range(len(items))))
+        else:
+            results = asyncio.run(self._http_many(items, concurrency, check))
+        if not return_errors:
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+        return results
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """A PNG/JPEG (as grayscale in [0, 1]) or .npy file -> float32 [N, 1, H, W]."""
+    path = Path(path)
+    if not path.exists():
+        raise ClientError(f"{path}: no such file")
+    if path.suffix.lower() == ".npy":
+        a = np.load(path)
+        if a.dtype == np.uint8:
+            a = a.astype(np.float32) / 255.0  # 8-bit pixels, as in a PNG
+        elif a.dtype != np.float32:
+            raise ClientError(f"{path}: dtype {a.dtype.name}; expected float32 in [0, 1] or uint8 pixels")
+        if a.ndim == 2:
+            a = a[None, None]
+        elif a.ndim == 3:
+            a = a[None] if a.shape[0] == 1 else a[:, None]
+        if a.ndim != 4 or a.shape[1] != 1:
+            raise ClientError(f"{path}: shape {list(a.shape)}; expected [H, W], [1, H, W], [N, H, W] or [N, 1, H, W]")
+        return np.ascontiguousarray(a)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise ClientError(f"{path}: not an image file (PNG/JPEG) nor .npy") from None
+    return a[None, None]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def describe(outputs: dict[str, np.ndarray], kinds: dict[str, str], i: int) -> dict[str, Any]:
+    """Sample ``i`` of a batch's outputs as plain values, presented by each output's kind."""
+    out: dict[str, Any] = {}
+    for name, arr in outputs.items():
+        a, kind = arr[i], kinds.get(name, "tensor")
+        if kind == "logits":
+            p = _softmax(a.astype(np.float64))
+            out[name] = {"prediction": int(a.argmax()), "probability": round(float(p.max()), 4)}
+        elif kind == "scale_logits":
+            out[name] = {"per_scale_prediction": a.reshape(-1, a.shape[-1]).argmax(-1).tolist()}
+        elif kind == "boxes":
+            out[name] = {"boxes": np.round(a.reshape(-1, a.shape[-1]), 4).tolist()}
+        else:
+            out[name] = {"shape": list(a.shape), "min": round(float(a.min()), 4), "max": round(float(a.max()), 4)}
+    return out
+
+
+def _format(label: str, d: dict[str, Any]) -> str:
+    lines = [label]
+    for name, v in d.items():
+        if "prediction" in v:
+            lines.append(f"  {name}: prediction {v['prediction']} (p={v['probability']:.3f})")
+        elif "per_scale_prediction" in v:
+            lines.append(f"  {name}: per-scale predictions {v['per_scale_prediction']}")
+        elif "boxes" in v:
+            boxes = "; ".join("(" + ", ".join(f"{c:.3f}" for c in b) + ")" for b in v["boxes"])
+            lines.append(f"  {name} (x0, y0, x1, y1): {boxes}")
+        else:
+            lines.append(f"  {name}: shape {v['shape']}, min {v['min']}, max {v['max']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n\n")[0])
+    p.add_argument("images", nargs="*", type=Path, help="PNG/JPEG or .npy files")
+    p.add_argument("--model", required=True)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 grpc, :8000 http)")
+    p.add_argument("--sample", type=int, default=0, help="send N images from the test split instead of files")
+    p.add_argument("--side", type=int, default=64, help="canvas side of --sample images")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    try:
+        if not args.images and not args.sample:
+            raise ClientError("give image files or --sample N")
+        client = Client(args.model, args.protocol, args.url)
+        items: list[tuple[str, np.ndarray]] = []  # (label, [1, 1, H, W])
+        if args.sample:
+            from training.data import test_images
+
+            images, labels = test_images(args.sample, canvas=args.side)
+            items += [(f"sample {i} (label {int(labels[i])})", images[i:i + 1]) for i in range(len(images))]
+        for path in args.images:
+            arr = load_image(path)
+            items += [(f"{path}" + (f"[{j}]" if len(arr) > 1 else ""), arr[j:j + 1]) for j in range(len(arr))]
+        # Same-sized images go together, up to the model's max batch size.
+        mbs = max(client.info.max_batch_size, 1)
+        by_shape: dict[tuple, list[int]] = {}
+        for k, (_, a) in enumerate(items):
+            by_shape.setdefault(a.shape, []).append(k)
+        results: dict[int, dict[str, Any]] = {}
+        for ks in by_shape.values():
+            for s in range(0, len(ks), mbs):
+                chunk = ks[s:s + mbs]
+                outs = client.infer(np.concatenate([items[k][1] for k in chunk]))
+                for j, k in enumerate(chunk):
+                    results[k] = describe(outs, client.info.output_kinds, j)
+        for k, (label, _) in enumerate(items):
+            if args.json:
+                print(json.dumps({"input": label, "model": args.model, "outputs": results[k]}))
+            else:
+                print(_format(label, results[k]))
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""Start, probe and stop a real NVIDIA Triton Inference Server (the one pip's nvidia-pytriton ships).
+
+The pip tritonserver (2.51, python backend only) needs three things this module sets up:
+- a backend folder ``backends/python/`` holding ``libtriton_python.so``, ``triton_python_backend_utils.py``
+  and a copy of the Python 3.11 stub (prepared once under ``build/triton/``);
+- ``LD_LIBRARY_PATH`` with ``nvidia_pytriton.libs`` and this Python's own LIBDIR: otherwise the stub loads
+  the system libpython beside this one and native code crashes;
+- this venv's ``bin`` first on ``PATH``: the stub's embedded interpreter finds the venv (numpy,
+  onnxruntime) that way; ``PYTHONPATH`` alone does not work.
+
+Models load with explicit model control, so one model that fails to load (missing or corrupt graph) is
+reported with its reason while the others are served. Readiness means more than Triton's READY flag: a
+python stub that died leaves its model READY while every request fails, so ``probe`` sends a real inference.
+
+    python -m serving.server [--repo DIR] [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_TIMEOUT_S = 5
+STUB_PYTHON = "3.11"
+
+
+class ServerError(RuntimeError):
+    """A one-line problem starting or talking to the server."""
+
+
+# ------------------------------------------------------------------------------------------ locations
+
+
+def _site_package(name: str) -> Path:
+    spec = importlib.util.find_spec(name)  # locate without importing (pytriton's import is heavy)
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(f"package {name!r} is not installed: pip install nvidia-pytriton==0.7.0")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def triton_home() -> Path:
+    return _site_package("pytriton") / "tritonserver"
+
+
+def triton_libs() -> Path:
+    return _site_package("pytriton").parent / "nvidia_pytriton.libs"
+
+
+def tritonserver_bin() -> Path:
+    path = triton_home() / "bin" / "tritonserver"
+    if not path.exists():
+        raise ServerError(f"tritonserver binary not found at {path}")
+    return path
+
+
+def runtime_dir() -> Path:
+    env = os.environ.get("ATTNZOO_TRITON_RUNTIME")
+    if env:
+        return Path(env)
+    from training import paths
+
+    return paths.REPO_ROOT / "build" / "triton"
+
+
+def prepare_runtime(root: Path | None = None) -> Path:
+    """Backend folder for tritonserver and the unversioned library names perf_analyzer asks for."""
+    root = Path(root or runtime_dir())
+    home, libs = triton_home(), triton_libs()
+    backend = root / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "libtriton_python.so": home / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": home / "backends" / "python" / "triton_python_backend_utils.py",
+        # The backend launches "<backend dir>/triton_python_backend_stub"; a copy, as it resolves its
+        # own libraries relative to where it sits.
+        "triton_python_backend_stub": home / "python_backend_stubs" / STUB_PYTHON / "triton_python_backend_stub",
+    }
+    for name, src in sources.items():
+        dst = backend / name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            tmp = dst.with_name(dst.name + f".{os.getpid()}.tmp")
+            shutil.copy2(src, tmp)
+            tmp.replace(dst)
+    lib = root / "lib"
+    lib.mkdir(exist_ok=True)
+    for soname, pattern in (("libb64.so.0d", "libb64-*.so.0d"), ("libcudart.so.12", "libcudart-*.so.12*")):
+        found = sorted(libs.glob(pattern))
+        link = lib / soname
+        if found and not link.exists():
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                link.symlink_to(found[0])
+    return root
+
+
+def server_env(root: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver (and perf_analyzer): library path and the venv first on PATH."""
+    root = Path(root or runtime_dir())
+    env = dict(os.environ if base is None else base)
+    libdirs = [str(triton_libs()), sysconfig.get_config_var("LIBDIR") or "", str(root / "lib")]
+    old = env.get("LD_LIBRARY_PATH")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + ([old] if old else []))
+    venv_bin = str(Path(sys.executable).parent)  # not resolved: the venv's bin, not the base Python's
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ from the stubs inside the model repository
+    return env
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do: a port only held by TIME_WAIT connections of a stopped server is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` ports free right now (for tests that must not collide with a running `make serve`)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, (json.loads(raw) if raw else None)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"error": raw.decode(errors="replace")}
+
+
+def _first_line(text: str | None) -> str:
+    # Python-backend errors carry a Python traceback ("\n\nAt:\n  model.py(47): initialize"): keep the message.
+    return (text or "").strip().split("\n\nAt:")[0].strip()
+
+
+def probe_inputs(config: dict) -> list[dict]:
+    """A real, small request from the model's own config: warm-up dims where given, else 64 for -1."""
+    warm = (config.get("model_warmup") or [{}])[0].get("inputs", {})
+    inputs = []
+    for i in config["input"]:
+        dims = [int(d) for d in warm.get(i["name"], {}).get("dims", [])] or [64 if int(d) < 0 else int(d)
+                                                                              for d in i["dims"]]
+        shape = ([1] if int(config.get("max_batch_size", 0)) > 0 else []) + dims
+        n = 1
+        for d in shape:
+            n *= d
+        dtype = i["data_type"].removeprefix("TYPE_")
+        value = False if dtype == "BOOL" else 0
+        inputs.append({"name": i["name"], "shape": shape, "datatype": dtype, "data": [value] * n})
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+class TritonServer:
+    """A tritonserver process on 127.0.0.1; use as a context manager or with start()/stop().
+
+    ``load_errors`` maps each model that failed to load to Triton's reason (which names the file).
+    With ``require_all=True`` (the CLI's default) any load error fails ``start``.
+    """
+
+    def __init__(self, repository: str | Path | None = None, models: Sequence[str] | None = None, *,
+                 host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, startup_timeout: float = 120.0, require_all: bool = False,
+                 probe: bool = True, log_path: str | Path | None = None, verbose: int = 0,
+                 extra_args: Iterable[str] = ()) -> None:
+        from serving.repository import _repo_dir, served_models
+
+        self.repository = _repo_dir(repository).resolve()
+        self.models = list(models) if models is not None else served_models(self.repository)
+        self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
+        self.startup_timeout, self.require_all, self.probe_on_start = startup_timeout, require_all, probe
+        self.verbose, self.extra_args = verbose, list(extra_args)
+        self._log_arg = Path(log_path) if log_path else None
+        self.log_path: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.load_errors: dict[str, str] = {}
+
+    # urls
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def _v2(self, path: str) -> str:
+        return f"http://{self.http_url}/v2{path}"
+
+    def command(self, runtime: Path) -> list[str]:
+        cmd = [
+            str(tritonserver_bin()),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={runtime / 'backends'}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--model-control-mode=explicit",
+            # One model that fails to load must not take the others down; readiness is per model.
+            "--exit-on-error=false", "--strict-readiness=false",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            f"--log-verbose={self.verbose}",
+        ]
+        cmd += [f"--load-model={m}" for m in self.models]
+        return cmd + self.extra_args
+
+    # lifecycle
+    def start(self) -> TritonServer:
+        if self.proc is not None:
+            raise ServerError("server already started")
+        if not self.models:
+            raise ServerError(f"no models to serve in {self.repository} (no */config.pbtxt): run `make export`")
+        for what, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
+            if not port_free(port, self.host):
+                raise ServerError(f"{what} port {self.host}:{port} is already in use (a server running already?)")
+        runtime = prepare_runtime()
+        if self._log_arg:
+            self.log_path = self._log_arg
+        else:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(runtime), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=server_env(runtime),
+                                         start_new_session=True)  # Ctrl-C reaches us, and we stop it cleanly
+        try:
+            self.wait_ready(self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, n: int = 15) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def live(self) -> bool:
+        try:
+            return _http("GET", self._v2("/health/live"), timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise ServerError(f"tritonserver exited with code {self.proc.returncode if self.proc else '?'}; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
+            if self.live():
+                states = self.model_states()
+                pending = [m for m in self.models if states.get(m, {}).get("state") not in ("READY", "UNAVAILABLE")]
+                if not pending:
+                    break
+            if time.monotonic() > deadline:
+                raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log {self.log_path}:\n"
+                                  f"{self.log_tail()}")
+            time.sleep(0.1)
+        self.load_errors = {m: _first_line(s.get("reason")) or "not loaded" for m, s in self.model_states().items()
+                            if m in self.models and s.get("state") != "READY"}
+        self.load_errors.update({m: "not in the repository" for m in self.models if m not in self.model_states()})
+        if self.require_all and self.load_errors:
+            raise ServerError("; ".join(f"model '{m}' failed to load: {r}" for m, r in self.load_errors.items()))
+        if self.probe_on_start:
+            bad = {m: err for m, err in self.health().items() if err and m not in self.load_errors}
+            if bad:
+                raise ServerError("; ".join(f"model '{m}' is loaded but a probe inference failed: {e}"
+                                            for m, e in bad.items()))
+
+    def stop(self) -> int | None:
+        """SIGTERM, then wait for Triton's own exit timeout (+ margin); SIGKILL only if it hangs."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(EXIT_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: takes the stub processes too
+                proc.wait()
+        if proc.returncode == 0 and self._log_arg is None and self.log_path:
+            self.log_path.unlink(missing_ok=True)  # our temp log; kept when the server did not exit cleanly
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # model control and health
+    def model_states(self) -> dict[str, dict]:
+        """Repository index: {model: {"state": READY|UNAVAILABLE|LOADING|..., "reason": str}}."""
+        code, body = _http("POST", self._v2("/repository/index"), {})
+        if code != 200:
+            raise ServerError(f"repository index failed ({code}): {body}")
+        return {m["name"]: m for m in body or []}
+
+    def model_config(self, model: str) -> dict:
+        code, body = _http("GET", self._v2(f"/models/{model}/config"))
+        if code != 200:
+            raise ServerError(f"model '{model}': {body.get('error', body) if isinstance(body, dict) else body}")
+        return body
+
+    def load(self, model: str, config: str | None = None) -> None:
+        """(Re)load a model, optionally with a JSON config override; raises with Triton's reason."""
+        body = {"parameters": {"config": config}} if config else {}
+        code, resp = _http("POST", self._v2(f"/repository/models/{model}/load"), body, timeout=120)
+        if code != 200:
+            raise ServerError(f"model '{model}' failed to load: {resp.get('error', resp)}")
+
+    def unload(self, model: str, wait: float = 30.0) -> None:
+        code, resp = _http("POST", self._v2(f"/repository/models/{model}/unload"), {}, timeout=60)
+        if code != 200:
+            raise ServerError(f"model '{model}' failed to unload: {resp.get('error', resp)}")
+        deadline = time.monotonic() + wait
+        while self.model_states().get(model, {}).get("state") == "UNLOADING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def reload(self, model: str) -> None:
+        """Unload + load: brings back a model whose python stub died. (``load`` alone is a no-op for an
+        unchanged model that Triton still counts as READY.) No wait for the unload: the old instance of a
+        dead stub never finishes unloading, and the new one loads beside it."""
+        self.unload(model, wait=0)
+        self.load(model)
+
+    def heal(self) -> dict[str, str]:
+        """Reload every loaded model whose probe inference fails; returns {model: the probe's error}."""
+        states = self.model_states()
+        broken = {m: e for m, e in self.health().items() if e and states.get(m, {}).get("state") == "READY"}
+        for m in broken:
+            self.reload(m)
+        return broken
+
+    def probe(self, model: str) -> str | None:
+        """A real inference (not just the READY flag); returns None if it worked, else the error."""
+        try:
+            cfg = self.model_config(model)
+            code, body = _http("POST", self._v2(f"/models/{model}/infer"), {"inputs": probe_inputs(cfg)}, timeout=30)
+        except (OSError, ServerError) as e:
+            return str(e)
+        return None if code == 200 else str(body.get("error", body) if isinstance(body, dict) else body)
+
+    def health(self, models: Iterable[str] | None = None) -> dict[str, str | None]:
+        """{model: None if a probe inference succeeds, else the reason} for every served model."""
+        states = self.model_states() if self.live() else {}
+        out: dict[str, str | None] = {}
+        for m in models if models is not None else self.models:
+            s = states.get(m, {})
+            if s.get("state") == "READY":
+                out[m] = self.probe(m)
+            else:
+                out[m] = _first_line(s.get("reason")) or ("not loaded" if states else "server not live")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repo", type=Path, default=None, help="model repository (default: model_repository/)")
+    p.add_argument("--models", nargs="*", default=None, help="models to load (default: every config.pbtxt)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument("--no-generate", action="store_true",
+                   help="serve the repository as it is (default: regenerate cpu configs first)")
+    p.add_argument("--allow-load-errors", action="store_true", help="serve the models that load, report the rest")
+    p.add_argument("--check", action="store_true", help="start, probe every model, stop (a smoke test)")
+    p.add_argument("--watchdog", type=float, default=10.0,
+                   help="seconds between probe inferences that reload a model whose stub died (0: off)")
+    p.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
+    p.add_argument("--verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+
+    # SIGTERM (make, CI) stops the server as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    server = None
+    try:
+        if not args.no_generate:
+            from serving.repository import write_repository
+
+            write_repository(args.models, "cpu", args.repo)
+        server = TritonServer(args.repo, args.models, host=args.host, http_port=args.http_port,
+                              grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                              startup_timeout=args.timeout, require_all=not args.allow_load_errors,
+                              log_path=args.log, verbose=args.verbose)
+        t0 = time.monotonic()
+        server.start()
+        print(f"tritonserver ready in {time.monotonic() - t0:.1f} s: http {server.http_url}, grpc {server.grpc_url}, "
+              f"metrics {server.metrics_url}; log {server.log_path}", flush=True)
+        for m, err in server.health().items():
+            print(f"  {m}: {'ok' if err is None else 'ERROR ' + err}", flush=True)
+        if args.check:
+            return 0 if not any(server.health().values()) else 1
+        next_check = time.monotonic() + args.watchdog
+        while server.alive():
+            time.sleep(0.5)
+            if args.watchdog and time.monotonic() >= next_check:
+                # READY is not healthy: a dead python stub keeps its model READY while requests fail.
+                for m, err in server.heal().items():
+                    print(f"watchdog: model '{m}' failed its probe ({err}); reloaded it", file=sys.stderr, flush=True)
+                next_check = time.monotonic() + args.watchdog
+        print(f"tritonserver exited unexpectedly; log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            code = server.stop()
+            if code is not None:
+                print(f"tritonserver stopped (exit code {code})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

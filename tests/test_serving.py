@@ -1,0 +1,518 @@
+"""Serving against a REAL tritonserver (pip's nvidia-pytriton), in temp repositories.
+
+Always runs (no trained artifacts needed): config generation + protobuf validation, the server's lifecycle,
+an untrained ``cnn`` exported here and the pass-through floor model over gRPC and HTTP (parity with torch,
+concurrency, dynamic batching), every reliability case, load errors, a stub crash, a 5,000-request load
+test and the CLIs. With trained checkpoints and exported graphs (``make export``), every registered model is
+also checked for wire == ``training.load_trained(name)`` on real test images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serving import repository as rep
+from serving.server import TritonServer, free_ports, port_free
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOLS = ("grpc", "http")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _real_images(n: int, side: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import test_images
+
+    images, labels = test_images(n, canvas=side)
+    return np.ascontiguousarray(images, dtype=np.float32), labels
+
+
+def _torch_outputs(model: torch.nn.Module, x: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))
+    out = out if isinstance(out, tuple | list) else (out,)
+    return {n: o.numpy() for n, o in zip(names, out, strict=True)}
+
+
+def _assert_parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], spec, where: str) -> None:
+    assert set(got) == set(ref), where
+    for name, r in ref.items():
+        g = got[name]
+        assert g.shape == r.shape, f"{where} {name}: shape {g.shape} != {r.shape}"
+        err = float(np.abs(g - r).max())
+        assert err <= spec.checks.fp32_max_abs, f"{where} {name}: max abs error {err:.2e}"
+    lo = spec.logits_output()
+    assert (got[lo].argmax(-1) == ref[lo].argmax(-1)).all(), f"{where}: top-1 differs"
+
+
+def _client(server: TritonServer, model: str, protocol: str):
+    from serving.client import Client
+
+    return Client(model, protocol, server.grpc_url if protocol == "grpc" else server.http_url)
+
+
+def _start(repo: Path, models=None, **kw) -> TritonServer:
+    http, grpc, metrics = free_ports(3)  # never collide with a `make serve` on 8000-8002
+    return TritonServer(repo, models, http_port=http, grpc_port=grpc, metrics_port=metrics, **kw).start()
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("target", rep.TARGETS)
+def test_every_spec_config_validates_with_triton_protobuf(target):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from training.registry import list_models
+
+    for name in [*list_models(), rep.FLOOR_MODEL]:
+        spec = rep.spec_for(name)
+        text = rep.config_text(rep.model_config(spec, target))
+        cfg = rep.validate_config(text, spec, source=name)
+        assert cfg.name == name and cfg.max_batch_size == spec.serving.max_batch_size
+        assert [i.name for i in cfg.input] == [t.name for t in spec.inputs]
+        assert [list(i.dims) for i in cfg.input] == [list(t.shape) for t in spec.inputs]
+        assert [o.name for o in cfg.output] == list(spec.output_names)
+        assert [list(o.dims) for o in cfg.output] == [list(t.shape) for t in spec.outputs]
+        assert list(cfg.dynamic_batching.preferred_batch_size) == list(spec.serving.preferred_batch_sizes)
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == spec.serving.max_queue_delay_us
+        kind = mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+        assert [(g.kind, g.count) for g in cfg.instance_group] == [(kind, spec.serving.instance_count)]
+        assert cfg.version_policy.latest.num_versions == 1
+        assert cfg.model_warmup[0].batch_size == 1
+        assert (cfg.backend, cfg.platform) == (("python", "") if target == "cpu" else ("", "onnxruntime_onnx"))
+        kinds = json.loads(cfg.parameters["output_kinds"].string_value)
+        assert kinds == {t.name: t.kind for t in spec.outputs}
+        off = rep.model_config(spec, target, dynamic_batching=False)
+        assert not off.HasField("dynamic_batching")
+
+
+def test_validate_config_rejects_mismatches():
+    spec = rep.floor_spec()
+    good = rep.config_text(rep.model_config(spec))
+    with pytest.raises(rep.RepositoryError, match="not a valid Triton model config"):
+        rep.validate_config(good + "\nno_such_field: 3\n", spec, source="x/config.pbtxt")
+    with pytest.raises(rep.RepositoryError, match="inputs"):
+        rep.validate_config(good.replace("dims: -1", "dims: 64", 1), spec)
+    with pytest.raises(rep.RepositoryError, match="preferred batch size 32"):
+        rep.validate_config(good.replace("max_batch_size: 64", "max_batch_size: 16"), spec)
+    with pytest.raises(rep.RepositoryError, match="does not match spec"):
+        rep.validate_config(good, rep.spec_for("cnn"))
+
+
+def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
+    import onnxruntime as ort
+
+    with pytest.raises(rep.RepositoryError, match=r"missing .*cnn/1/model\.onnx"):
+        rep.write_repository(["cnn"], "cpu", tmp_path)
+    # A stand-in graph for cnn (the generator never reads it) must come out byte-identical.
+    onnx_file = rep.onnx_path("cnn", tmp_path)
+    rep.write_floor_onnx(onnx_file)
+    digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    written = rep.write_repository(None, "cpu", tmp_path)  # default: every exported model + the floor
+    assert hashlib.sha256(onnx_file.read_bytes()).hexdigest() == digest
+    assert {p.relative_to(tmp_path).as_posix() for p in written} == {
+        "cnn/config.pbtxt", "cnn/1/model.py", "passthrough/config.pbtxt", "passthrough/1/model.py"}
+    assert (tmp_path / "cnn/1/model.py").read_bytes() == rep.BACKEND_MODEL_PY.read_bytes()
+    assert rep.check_repository(tmp_path) == ["cnn", "passthrough"]
+    # The floor graph is an Identity with the image input's dynamic signature.
+    sess = ort.InferenceSession(str(rep.onnx_path(rep.FLOOR_MODEL, tmp_path)))
+    x = np.random.rand(3, 1, 40, 56).astype(np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"image": x})[0], x)
+
+
+def test_gpu_target_uses_native_backends_and_engines(tmp_path):
+    rep.write_floor_onnx(rep.onnx_path("cnn", tmp_path))
+    (tmp_path / "cnn/1/model.plan").write_bytes(b"engine bytes")
+    rep.write_repository(["cnn"], "gpu", tmp_path)
+    onnx_cfg = rep.parse_config((tmp_path / "cnn/config.pbtxt").read_text())
+    assert (onnx_cfg.platform, onnx_cfg.default_model_filename) == ("onnxruntime_onnx", "model.onnx")
+    trt_cfg = rep.parse_config((tmp_path / "cnn_trt/config.pbtxt").read_text())
+    assert (trt_cfg.name, trt_cfg.platform) == ("cnn_trt", "tensorrt_plan")
+    assert trt_cfg.default_model_filename == "model.plan"
+    assert (tmp_path / "cnn_trt/1/model.plan").read_bytes() == b"engine bytes"
+    assert rep.check_repository(tmp_path) == ["cnn", "cnn_trt", "passthrough"]
+
+
+def test_repository_cli(tmp_path):
+    rep.write_floor_onnx(rep.onnx_path("cnn", tmp_path))
+    assert rep.main(["--repo", str(tmp_path), "cnn"]) == 0
+    assert rep.main(["--repo", str(tmp_path), "--check"]) == 0
+    assert rep.main(["--repo", str(tmp_path), "nonlocal_dot"]) == 1  # not exported: one-line error
+
+
+# --------------------------------------------------------------- a real server, untrained cnn + floor
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A temp repository with an untrained ``cnn`` exported here, and the pass-through floor model."""
+    from export.onnx_export import export_onnx
+    from training.registry import create_model, get_spec
+
+    repo = tmp_path_factory.mktemp("repo")
+    torch.manual_seed(0)
+    model = create_model("cnn").eval()
+    export_onnx(get_spec("cnn"), model, rep.onnx_path("cnn", repo))
+    rep.write_repository(["cnn"], "cpu", repo)
+    return repo, model
+
+
+@pytest.fixture(scope="module")
+def server(untrained):
+    srv = _start(untrained[0])
+    yield srv
+    assert srv.stop() == 0  # a clean SIGTERM shutdown
+    assert all(port_free(p) for p in (srv.http_port, srv.grpc_port, srv.metrics_port))
+
+
+@pytest.mark.server
+def test_server_ready_every_model_answers_a_probe(server):
+    assert server.load_errors == {}
+    assert server.health() == {"cnn": None, "passthrough": None}
+    import urllib.request
+
+    from serving.server import _http
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        assert b"nv_inference_request_success" in r.read()
+    code, meta = _http("GET", f"http://{server.http_url}/v2")
+    assert code == 200 and meta["version"].startswith("2.51")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_wire_equals_torch_untrained_cnn(server, untrained, protocol):
+    from training.registry import get_spec
+
+    spec, model = get_spec("cnn"), untrained[1]
+    c = _client(server, "cnn", protocol)
+    images, _ = _real_images(spec.serving.max_batch_size)
+    for n in (1, spec.serving.max_batch_size):
+        x = images[:n]
+        _assert_parity(c.infer(x), _torch_outputs(model, x, spec.output_names), spec, f"{protocol} batch {n}")
+    # Another input size goes through the dynamic H, W of the served graph.
+    x = _real_images(4, side=80)[0]
+    _assert_parity(c.infer(x), _torch_outputs(model, x, spec.output_names), spec, f"{protocol} 80px")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_concurrent_requests_match_their_inputs(server, untrained, protocol):
+    from training.registry import get_spec
+
+    spec, model = get_spec("cnn"), untrained[1]
+    images, _ = _real_images(48)
+    batches = [images[i:i + 1 + i % 3] for i in range(40)]  # mixed batch sizes 1..3
+    ref = [_torch_outputs(model, b, spec.output_names) for b in batches]
+    got = _client(server, "cnn", protocol).infer_many(batches, concurrency=16)
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        _assert_parity(g, r, spec, f"{protocol} request {i}")
+
+
+@pytest.mark.server
+def test_dynamic_batching_merges_concurrent_requests(server):
+    import tritonclient.grpc as grpcclient
+
+    def counts() -> tuple[int, int]:
+        s = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("cnn", as_json=True)
+        st = s["model_stats"][0]
+        return int(st.get("inference_count", 0)), int(st.get("execution_count", 0))
+
+    inf0, exe0 = counts()
+    images, _ = _real_images(64)
+    _client(server, "cnn", "grpc").infer_many([images[i:i + 1] for i in range(64)], concurrency=16)
+    inf1, exe1 = counts()
+    assert inf1 - inf0 == 64
+    assert exe1 - exe0 < 64, "every request ran alone: the dynamic batcher merged nothing"
+
+
+# The reliability cases: (inputs, a piece of the expected one-line error). Sent with client checks off.
+def _bad_inputs() -> dict[str, tuple[dict[str, np.ndarray], str]]:
+    ok = _real_images(1)[0]
+    nan = ok.copy()
+    nan[0, 0, 5, 5] = np.nan
+    inf = ok.copy()
+    inf[0, 0, 1, 2] = np.inf
+    return {
+        "wrong_shape": ({"image": np.zeros((1, 3, 64, 64), np.float32)}, "unexpected shape for input 'image'"),
+        "wrong_rank": ({"image": ok[0]}, "unexpected shape for input 'image'"),
+        "wrong_dtype": ({"image": ok.astype(np.float64)}, "data-type is 'FP64', but model 'cnn' expects 'FP32'"),
+        "batch_over_max": ({"image": np.zeros((65, 1, 64, 64), np.float32)}, "batch-size must be <= 64"),
+        "unknown_input": ({"img": ok}, "unexpected inference input 'img'"),
+        "extra_input": ({"image": ok, "mask": ok}, "expected 1 inputs but got 2"),
+        "nan": ({"image": nan}, "input 'image' has 1 NaN/Inf value(s)"),
+        "inf": ({"image": inf}, "input 'image' has 1 NaN/Inf value(s)"),
+        "empty_batch": ({"image": np.zeros((0, 1, 64, 64), np.float32)}, "'image'"),
+    }
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_request_gets_its_own_error_and_server_stays_ready(server, protocol, case):
+    from serving.client import InferenceError
+
+    inputs, expected = _bad_inputs()[case]
+    c = _client(server, "cnn", protocol)
+    with pytest.raises(InferenceError, match="model 'cnn'") as err:
+        c.infer(inputs, validate=False)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value).strip() or case == "wrong_shape"  # Triton's shape note spans a sentence
+    assert str(err.value.status) in ("400", "StatusCode.INVALID_ARGUMENT")
+    assert server.health() == {"cnn": None, "passthrough": None}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_bad_request_in_a_batch_does_not_fail_the_others(server, untrained, protocol):
+    from serving.client import InferenceError
+    from training.registry import get_spec
+
+    spec = get_spec("cnn")
+    images, _ = _real_images(16)
+    batches = [images[i:i + 1].copy() for i in range(16)]
+    for i in (3, 11):
+        batches[i][0, 0, 0, 0] = np.nan
+    got = _client(server, "cnn", protocol).infer_many(batches, concurrency=16, return_errors=True)
+    for i, g in enumerate(got):
+        if i in (3, 11):
+            assert isinstance(g, InferenceError) and "NaN/Inf" in str(g)
+        else:
+            _assert_parity(g, _torch_outputs(untrained[1], batches[i], spec.output_names), spec, f"request {i}")
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_client_side_errors_are_one_line(server, protocol):
+    from serving.client import Client, ClientError
+
+    c = _client(server, "cnn", protocol)
+    ok = _real_images(1)[0]
+    cases = {
+        "takes float32, got float64": ok.astype(np.float64),
+        "takes shape [B, 1, ?, ?], got [1, 3, 64, 64]": np.zeros((1, 3, 64, 64), np.float32),
+        "batch of 65 outside 1..64": np.zeros((65, 1, 64, 64), np.float32),
+        "has no input 'img'": {"img": ok},
+    }
+    for expected, x in cases.items():
+        with pytest.raises(ClientError, match=expected.replace("[", r"\[").replace("?", r"\?")):
+            c.infer(x)
+    with pytest.raises(ClientError, match="unknown model 'nope'; served models: cnn, passthrough"):
+        _client(server, "nope", protocol)
+    port = free_ports(1)[0]
+    with pytest.raises(ClientError, match=f"not reachable at 127.0.0.1:{port}"):
+        Client("cnn", protocol, f"127.0.0.1:{port}", timeout=2)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_load_test_5000_requests_no_errors_every_response_matched(server, protocol):
+    """5,000 requests at concurrency 16 on the floor model: zero errors, each output is its own input."""
+    n = 5000
+    base = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    batches = [base + np.float32(i) for i in range(n)]  # each request's payload names its index
+    t0 = time.perf_counter()
+    got = _client(server, rep.FLOOR_MODEL, protocol).infer_many(batches, concurrency=16, return_errors=True)
+    elapsed = time.perf_counter() - t0
+    errors = [g for g in got if isinstance(g, Exception)]
+    assert not errors, f"{len(errors)} errors, first: {errors[0]}"
+    for i, g in enumerate(got):
+        np.testing.assert_array_equal(g["output"], batches[i], err_msg=f"response {i} is not request {i}'s")
+    print(f"{protocol}: 5000 requests, concurrency 16: {elapsed:.1f} s ({n / elapsed:.0f} req/s)")
+    assert server.health() == {"cnn": None, "passthrough": None}
+
+
+def _stub_pids(server: TritonServer, model: str) -> list[int]:
+    """The python-backend stub processes (children of tritonserver) serving ``model``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server.proc.pid and f"/{model}/1/model.py" in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.server
+def test_dead_stub_is_caught_by_the_probe_and_a_reload_heals_it(untrained, tmp_path):
+    """A stub that dies leaves its model READY while requests fail: only a real inference tells."""
+    # Its own server: a crashed stub makes shutdown wait the exit timeout (and exit 1, log kept).
+    srv = _start(untrained[0], log_path=tmp_path / "tritonserver.log")
+    try:
+        pids = _stub_pids(srv, "cnn")
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(0.3)
+        assert srv.model_states()["cnn"]["state"] == "READY"  # Triton's flag does not notice
+        health = srv.health()
+        assert health["passthrough"] is None
+        assert "not healthy" in health["cnn"], health
+        assert set(srv.heal()) == {"cnn"}  # unload + load of just that model
+        assert srv.health() == {"cnn": None, "passthrough": None}
+    finally:
+        t0 = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - t0 < 15  # --exit-timeout-secs=5 bounds the wait for the dead instance
+
+
+# ------------------------------------------------------------------------------------ load errors
+
+
+@pytest.mark.server
+def test_missing_or_corrupt_graph_is_a_load_error_naming_the_file(untrained, tmp_path):
+    src = untrained[0]
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo)
+    for name in ("cnn_missing", "cnn_corrupt"):
+        shutil.copytree(src / "cnn", repo / name)
+        cfg = repo / name / "config.pbtxt"
+        cfg.write_text(cfg.read_text().replace('name: "cnn"', f'name: "{name}"'))
+    (repo / "cnn_missing/1/model.onnx").unlink()
+    (repo / "cnn_corrupt/1/model.onnx").write_bytes(b"\x08\x07 this is not an ONNX graph" * 8)
+
+    srv = _start(repo)
+    try:
+        assert set(srv.load_errors) == {"cnn_missing", "cnn_corrupt"}
+        assert f"missing ONNX file {repo / 'cnn_missing/1/model.onnx'}" in srv.load_errors["cnn_missing"]
+        assert f"cannot load ONNX file {repo / 'cnn_corrupt/1/model.onnx'}" in srv.load_errors["cnn_corrupt"]
+        health = srv.health()
+        assert health["cnn"] is None and health["passthrough"] is None
+        from serving.client import ClientError
+
+        with pytest.raises(ClientError, match=r"model 'cnn_missing' is not ready .*missing ONNX file"):
+            _client(srv, "cnn_missing", "grpc")
+        # The fixed file loads on request, with the others still served.
+        shutil.copyfile(src / "cnn/1/model.onnx", repo / "cnn_missing/1/model.onnx")
+        srv.load("cnn_missing")
+        assert srv.health()["cnn_missing"] is None
+    finally:
+        assert srv.stop() == 0
+    with pytest.raises(Exception, match=r"failed to load: .*cnn_corrupt/1/model\.onnx"):
+        _start(repo, ["cnn", "cnn_corrupt"], require_all=True)
+
+
+# ------------------------------------------------------------------------------------------- CLIs
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_client_cli_png_npy_and_samples(server, tmp_path, protocol):
+    from PIL import Image
+
+    images, labels = _real_images(2)
+    png = tmp_path / "digit.png"
+    Image.fromarray((images[0, 0] * 255).round().astype(np.uint8)).save(png)
+    npy = tmp_path / "digits.npy"
+    np.save(npy, images)
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    r = _run("-m", "serving.client", "--model", "cnn", "--protocol", protocol, "--url", url, str(png), str(npy),
+             "--sample", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["input"] for row in rows] == [
+        f"sample 0 (label {labels[0]})", f"sample 1 (label {labels[1]})", str(png), f"{npy}[0]", f"{npy}[1]"]
+    assert all(0 <= row["outputs"]["logits"]["prediction"] <= 9 for row in rows)
+    assert rows[3]["outputs"] == rows[0]["outputs"]  # .npy float32 == the data set sample
+
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 3, 8, 8), np.float32))
+    cases = [(["--model", "nope", str(png)], "error: unknown model 'nope'; served models: cnn, passthrough")]
+    if protocol == "grpc":  # file errors do not depend on the protocol
+        cases += [(["--model", "cnn", str(bad)], "expected [H, W], [1, H, W], [N, H, W] or [N, 1, H, W]"),
+                  (["--model", "cnn", str(tmp_path / "none.png")], "none.png: no such file")]
+    for args, expected in cases:
+        r = _run("-m", "serving.client", "--protocol", protocol, "--url", url, *args)
+        assert r.returncode == 1 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _run("-m", "serving.client", "--model", "cnn", "--url", f"127.0.0.1:{free_ports(1)[0]}", str(png),
+             "--protocol", protocol)
+    assert r.returncode == 1 and "not reachable" in r.stderr and "make serve" in r.stderr
+
+
+@pytest.mark.server
+def test_server_cli_starts_checks_and_stops(untrained):
+    http, grpc, metrics = free_ports(3)
+    r = _run("-m", "serving.server", "--repo", str(untrained[0]), "--no-generate", "--check", "--http-port",
+             str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics))
+    assert r.returncode == 0, r.stderr
+    assert "tritonserver ready" in r.stdout and "cnn: ok" in r.stdout and "passthrough: ok" in r.stdout
+    assert "tritonserver stopped (exit code 0)" in r.stderr
+    assert port_free(http) and port_free(grpc)
+
+
+# --------------------------------------------------------------------- trained models (make export)
+
+
+def _trained_names() -> list[str]:
+    from training import checkpoint_path
+    from training.registry import list_models
+
+    return [n for n in list_models() if checkpoint_path(n).exists() and rep.onnx_path(n).exists()]
+
+
+@pytest.fixture(scope="module")
+def trained_server(tmp_path_factory):
+    names = _trained_names()
+    if not names:
+        pytest.skip("no trained checkpoint with an exported graph; run `make export` first")
+    repo = tmp_path_factory.mktemp("trained_repo")
+    for n in names:  # a temp repository on the exported graphs (never model_repository/ itself)
+        dst = rep.onnx_path(n, repo)
+        dst.parent.mkdir(parents=True)
+        dst.symlink_to(rep.onnx_path(n).resolve())
+    rep.write_repository(names, "cpu", repo)
+    srv = _start(repo)
+    yield srv
+    assert srv.stop() == 0
+
+
+def _model_names() -> list[str]:
+    from training.registry import list_models
+
+    return list_models()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", _model_names())
+def test_wire_equals_load_trained(trained_server, name):
+    from training import load_trained
+    from training.registry import get_spec
+
+    if name not in _trained_names():
+        pytest.skip(f"{name!r}: no trained checkpoint or exported graph; run `make export` first")
+    assert name not in trained_server.load_errors, trained_server.load_errors.get(name)
+    spec, model = get_spec(name), load_trained(name)
+    mbs = spec.serving.max_batch_size
+    images, _ = _real_images(mbs, spec.train.canvas)
+    for protocol in PROTOCOLS:
+        c = _client(trained_server, name, protocol)
+        for n in (1, mbs):
+            x = images[:n]
+            _assert_parity(c.infer(x), _torch_outputs(model, x, spec.output_names), spec, f"{protocol} batch {n}")
+        singles = [images[i:i + 1] for i in range(32)]
+        got = c.infer_many(singles, concurrency=16)
+        ref = _torch_outputs(model, images[:32], spec.output_names)
+        for i, g in enumerate(got):
+            _assert_parity(g, {k: v[i:i + 1] for k, v in ref.items()}, spec, f"{protocol} concurrent {i}")

@@ -1,0 +1,35 @@
+"""The benchmark's machinery on the floor model alone (short windows): rows, summary, report files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serving import bench
+
+
+def test_perf_analyzer_runs_with_the_bundled_libraries():
+    # tritonclient[all] ships the binary; it needs libb64.so.0d and libcudart.so.12 from nvidia_pytriton.libs.
+    assert bench.perf_analyzer_bin() is not None, "perf_analyzer not installed (tritonclient[all]==2.51.0)"
+    assert bench.perf_analyzer_works()
+
+
+@pytest.mark.server
+def test_bench_smoke_writes_tables_and_plot(tmp_path):
+    s = bench.Settings(concurrency=(1, 4), protocols=("grpc", "http"), window_ms=500, max_trials=3,
+                       inprocess_s=0.3, tool="python")
+    res = bench.run([], s, tmp_path, log=lambda m: None)
+    rows = res["rows"]
+    combos = {(r.runtime, r.protocol, r.batching, r.concurrency) for r in rows}
+    assert combos == {("torch", "in-process", "-", 1), ("torch", "in-process", "-", 4),
+                      ("onnxruntime", "in-process", "-", 1), ("onnxruntime", "in-process", "-", 4),
+                      *{("triton", p, b, c) for p in ("grpc", "http") for b in ("on", "off") for c in (1, 4)}}
+    assert all(r.model == "passthrough" and r.p50_ms > 0 and r.p50_ms <= r.p99_ms and r.throughput > 0 for r in rows)
+    # The batcher is really off in the "off" rows (config override), and merges requests in the "on" ones.
+    assert all(r.avg_server_batch == 1.0 for r in rows if r.batching == "off")
+    assert set(res["summary"]["floor_ms"]) == {"grpc/on", "grpc/off", "http/on", "http/off"}
+    md = (tmp_path / "bench.md").read_text()
+    assert "**Floor**" in md and "| passthrough | triton | grpc | off | 4 |" in md
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
