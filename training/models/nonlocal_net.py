@@ -113,7 +113,9 @@ for _mode in MODES:
         outputs=_OUTPUTS,
         train=_RECIPE,
         export=ExportOptions(
-            # The gaussian's logits x_i . x_j are unbounded (no learned scale): keep them in fp32.
+            # The gaussian's logits x_i . x_j have no learned scale. Measured (`python -m export.fp16
+            # --probe`): they peak at ~182 on test images, far from fp16's 65504, and top-1 agreement is
+            # 1.0 with or without this list; kept as cheap insurance against inputs outside the data.
             fp16_keep_fp32_ops=("MatMul", "Softmax") if _mode == "gaussian" else (),
         ),
         checks=Checks(min_accuracy=0.95),
