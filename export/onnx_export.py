@@ -12,7 +12,6 @@ import torch
 from export.rewriters import translation_table
 from training.registry import ModelSpec
 
-
 # "torchvision is not installed. Skipping torchvision::nms" and similar: true, and irrelevant here.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 

@@ -88,7 +88,8 @@ def print_summary(rows: list[ExportSummary]) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    header = f"{'model':<20} {'test acc':>8} {'parity max|err|':>15} {'top1':>6} {'export s':>8} {'fp16 top1':>9}  tensorrt"
+    header = (f"{'model':<20} {'test acc':>8} {'parity max|err|':>15} {'top1':>6} {'export s':>8} "
+              f"{'fp16 top1':>9}  tensorrt")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -8,7 +8,7 @@ train and test splits draw from disjoint source digits.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image
@@ -36,7 +36,7 @@ def _split_indices(split: str) -> np.ndarray:
     return order[:n_test] if split == "test" else order[n_test:]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scaled_digit(index: int, size: int) -> np.ndarray:
     img = _source_digits()[0][index]
     return np.asarray(Image.fromarray(img, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
