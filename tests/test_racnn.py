@@ -1,0 +1,159 @@
+"""RA-CNN: shapes, APN boxes, losses and gradients through crop_zoom, a tiny training run, ONNX parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training import create_model, get_spec
+from training.models.racnn import HALF_SIDE_BOUNDS, NUM_SCALES, racnn_bars, racnn_loss
+
+
+def _model(seed: int = 0, std: float = 3.0) -> torch.nn.Module:
+    """An untrained RA-CNN whose APNs do not all sit in the centre (random heat maps and sides)."""
+    torch.manual_seed(seed)
+    model = create_model("racnn")
+    with torch.no_grad():
+        for apn in model.apns:
+            apn.heat.weight.normal_(0, std)
+            apn.side.weight.normal_(0, std)
+    return model.eval()
+
+
+def _images(batch: int, side: int, seed: int = 0) -> torch.Tensor:
+    """Noise plus one bright square per image at a random place, so that APN boxes differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.2 * torch.rand(batch, 1, side, side, generator=g)
+    for i in range(batch):
+        r, c = torch.randint(0, side - 12, (2,), generator=g).tolist()
+        x[i, 0, r : r + 12, c : c + 12] = 1.0
+    return x
+
+
+def test_spec():
+    spec = get_spec("racnn")
+    assert spec.family == "racnn"
+    assert spec.output_names == ("logits", "scale_logits", "boxes")
+    assert [o.kind for o in spec.outputs] == ["logits", "scale_logits", "boxes"]
+    assert spec.export.opset == 18 and spec.checks.min_accuracy == 0.97
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("side", [64, 80])
+def test_forward_shapes_match_spec(batch, side):
+    spec = get_spec("racnn")
+    with torch.no_grad():
+        outputs = _model()(_images(batch, side))
+    assert len(outputs) == len(spec.outputs)
+    for out, ts in zip(outputs, spec.outputs, strict=True):
+        assert tuple(out.shape) == (batch, *ts.shape), ts.name
+        assert torch.isfinite(out).all(), ts.name
+
+
+def test_boxes_inside_image_and_half_side_bounded():
+    with torch.no_grad():
+        _, _, boxes = _model(seed=1)(_images(16, 64, seed=1))
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    half = (boxes[..., 2] - boxes[..., 0]) / 2  # [B, 2], in input coordinates
+    torch.testing.assert_close(half, (boxes[..., 3] - boxes[..., 1]) / 2)  # square
+    lo, hi = HALF_SIDE_BOUNDS[0]
+    assert half[:, 0].min() >= lo - 1e-6 and half[:, 0].max() <= hi + 1e-6
+    # the scale-2 box lies within the scale-1 box, so it never exceeds the scale-1 cap either
+    assert (half[:, 1] <= half[:, 0] + 1e-6).all()
+    assert (boxes[:, 1, :2] >= boxes[:, 0, :2] - 1e-6).all() and (boxes[:, 1, 2:] <= boxes[:, 0, 2:] + 1e-6).all()
+    # random APNs really moved the boxes (the check above is not about centred boxes only)
+    assert (boxes[:, 0, 0] - boxes[:, 0, 0].mean()).abs().max() > 1e-3
+
+
+def test_apn_clamps_the_box_inside_the_image():
+    from training.models.racnn import AttentionProposal
+
+    apn = AttentionProposal(1, 0.12, 0.3)
+    feat = torch.zeros(2, 1, 8, 8)
+    feat[0, 0, 0, 0] = feat[1, 0, 7, 7] = 1.0  # heat peaks in opposite corners
+    with torch.no_grad():
+        apn.heat.weight.fill_(50.0)
+        apn.side.bias.fill_(20.0)  # side saturates at the cap
+        box = apn(feat)
+    torch.testing.assert_close(box[:, 2], torch.full((2,), 0.3))
+    torch.testing.assert_close(box[0, :2], torch.tensor([0.3, 0.3]))  # centre pushed in to tl
+    torch.testing.assert_close(box[1, :2], torch.tensor([0.7, 0.7]))  # and to 1 - tl
+
+
+def _batch(n: int = 6):
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.rand(n, 1, 64, 64, generator=g), "label": torch.randint(0, 10, (n,), generator=g)}
+
+
+def test_loss_finite_and_apn_learns_only_through_crop_zoom():
+    model = _model(std=0.3).train()  # mild: a box clamped at the border has no centre gradient
+    batch = _batch()
+    loss, log = racnn_loss(model(batch["image"]), batch)
+    assert torch.isfinite(loss) and all(np.isfinite(v) for v in log.values())
+    loss.backward()
+    for apn in model.apns:
+        g = apn.heat.weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_apn_reads_detached_features():
+    # Scale 2's loss reaches the scale-1 APN (through crop_zoom) but never the scale-1 classifier.
+    model = _model(std=0.3).train()
+    batch = _batch()
+    _, scale_logits, _ = model(batch["image"])
+    torch.nn.functional.cross_entropy(scale_logits[:, 1], batch["label"]).backward()
+    assert model.apns[0].heat.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.scales[0].parameters())
+
+
+def test_ranking_loss_penalises_a_worse_finer_scale():
+    y = torch.tensor([0])
+    good, bad = torch.full((1, 10), -5.0), torch.full((1, 10), -5.0)
+    good[0, 0] = 5.0
+    worse_later = torch.stack((good, bad, bad), dim=1)  # scale 1 sure, scales 2-3 not
+    better_later = torch.stack((bad, good, good), dim=1)
+    boxes = torch.zeros(1, NUM_SCALES - 1, 4)
+    _, log_worse = racnn_loss((good, worse_later, boxes), {"label": y})
+    _, log_better = racnn_loss((good, better_later, boxes), {"label": y})
+    assert log_worse["rank"] == pytest.approx(1.0, abs=1e-3)  # (1 - 0.1 + m) + (0.1 - 0.1 + m)
+    assert log_better["rank"] == pytest.approx(0.05, abs=1e-3)  # only the margin between equal scales 2, 3
+
+
+def test_bars():
+    ok = {"acc_fused": 0.975, "acc_scale1": 0.95, "acc_scale3": 0.96, "box_center_err": 0.05}
+    assert racnn_bars(ok) == []
+    assert len(racnn_bars(ok | {"acc_fused": 0.9, "acc_scale3": 0.9, "box_center_err": 0.2})) == 3
+
+
+def test_tiny_training_run():
+    from training.train import train_model
+
+    metrics = train_model("racnn", steps=2, train_size=16, test_size=16, save=False, progress=False)
+    for key in ("acc_scale1", "acc_scale2", "acc_scale3", "acc_fused", "box_center_err", "center_inside_rate"):
+        assert np.isfinite(metrics[key]), key
+    assert 0 <= metrics["center_inside_rate"] <= 1
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from export.onnx_export import export_onnx
+
+    model = _model(seed=2)
+    path = export_onnx(get_spec("racnn"), model, tmp_path_factory.mktemp("racnn") / "racnn.onnx")
+    return model, path
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("side", [64, 80])
+def test_onnx_parity_dynamic_batch_and_size(exported, batch, side):
+    from export.runtime import ort_session, run
+
+    model, path = exported
+    x = _images(batch, side, seed=batch + side)
+    with torch.no_grad():
+        ref = [o.numpy() for o in model(x)]
+    got = run(ort_session(path), x.numpy())
+    for name, r, g in zip(get_spec("racnn").output_names, ref, got, strict=True):
+        assert g.shape == r.shape, name
+        assert np.abs(g - r).max() <= 1e-4, name
