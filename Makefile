@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines serve bench bench-export test test-fast lint gpu-check clean samples
+.PHONY: install train export repository engines fp16-report serve bench bench-export test test-fast lint gpu-check clean samples
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ repository: $(STAMP)
 engines: $(STAMP)
 	$(PY) -m export.engines $(MODELS) --archs $(ARCHS)
 
+fp16-report: $(STAMP)
+	$(PY) -m export.fp16 $(MODELS) --probe --sweep
+
 serve: $(STAMP)
 	$(PY) -m serving.server
 
@@ -40,7 +43,7 @@ bench-export: $(STAMP)
 	$(PY) -m export.speed $(MODELS)
 
 gpu-check: $(STAMP)
-	$(PY) -m export.gpu_check
+	$(PY) -m export.gpu_check all
 
 # pytest's exit 5 (no tests collected) must fail loudly, never pass.
 test: $(STAMP)

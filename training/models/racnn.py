@@ -169,5 +169,8 @@ register_model(ModelSpec(
     ),
     train=TrainRecipe(steps=3000, batch_size=64, lr=3e-3, loss=racnn_loss, metrics=racnn_metrics),
     export=ExportOptions(opset=18, fp16_keep_fp32_ops=("GridSample",)),
-    checks=Checks(min_accuracy=0.97, bars=racnn_bars),
+    # Measured on the trained model: boxes match torch to ~2e-6, but scale 3 samples a crop of a crop,
+    # so a 1-ulp difference in the box or in GridSample's coordinate arithmetic moves its samples and
+    # reaches its logits as up to ~1.3e-3 (scale 2: ~1e-4, scale 1: ~1e-5). Top-1 must still agree.
+    checks=Checks(min_accuracy=0.97, bars=racnn_bars, fp32_max_abs=3e-3),
 ))
