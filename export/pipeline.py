@@ -13,6 +13,8 @@ from training.checkpoints import load_metrics, load_trained
 from training.registry import get_spec
 from training.train import ensure_trained
 
+_PLAIN_METRICS = {"accuracy", "steps", "train_seconds", "params", "bar_failures"}
+
 
 @dataclass
 class ExportSummary:
@@ -27,6 +29,7 @@ class ExportSummary:
     fp16_top1: float | None = None
     fp16: str = "not run"
     error: str | None = None
+    metrics: dict = field(default_factory=dict)  # the model's own test metrics (RA-CNN: scales, boxes)
     parity: dict = field(default_factory=dict)
 
     @property
@@ -49,7 +52,8 @@ def export_model(name: str, custom_ops: bool = False, slim: bool = True, train: 
     spec = get_spec(name)
     metrics = ensure_trained(name) if train else load_metrics(name)
     model = load_trained(name)  # raises a one-line error when the checkpoint is missing
-    s = ExportSummary(name=name, accuracy=metrics.get("accuracy"), bar_failures=metrics.get("bar_failures", []))
+    s = ExportSummary(name=name, accuracy=metrics.get("accuracy"), bar_failures=metrics.get("bar_failures", []),
+                      metrics={k: v for k, v in metrics.items() if k not in _PLAIN_METRICS})
     start = time.perf_counter()
     path = export_onnx(spec, model, onnx_path(name, custom_ops), custom_ops=custom_ops, slim=slim)
     s.export_seconds = round(time.perf_counter() - start, 2)
@@ -97,3 +101,5 @@ def print_summary(rows: list[ExportSummary]) -> None:
               f"{f(r.export_seconds, '.1f'):>8} {f(r.fp16_top1, '.4f'):>9}  {r.tensorrt}"
               + (f"  FAILED: {r.error}" if r.error else "")
               + (f"  BAR MISSED: {'; '.join(r.bar_failures)}" if r.bar_failures else ""))
+        if r.metrics:  # model-specific bars (e.g. RA-CNN's per-scale accuracy and box error) on their own line
+            print(" " * 21 + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if isinstance(v, float)))
