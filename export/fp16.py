@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from export.runtime import ort_session
 from training.paths import ARTIFACTS_DIR, REPORTS_DIR, REPOSITORY_DIR
 
 log = logging.getLogger(__name__)
@@ -420,15 +421,6 @@ def _ort(path: str | Path, disable_optimizations: bool = False) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _custom_ops_session(path: str | Path) -> Any:
-    """Sessions through export.runtime when it exists (it registers custom-op kernels)."""
-    try:
-        from export.runtime import ort_session
-    except ImportError:
-        return _ort(path)
-    return ort_session(path)
-
-
 def torch_outputs(model: Any, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
     import torch
 
@@ -485,7 +477,7 @@ def fp16_agreement(
     images = np.ascontiguousarray(images, dtype=np.float32)
     if ref is None:
         ref = torch_outputs(fp32_torch_model, images, batch_size)
-    session = _custom_ops_session(fp16_onnx_path)
+    session = ort_session(fp16_onnx_path)
     got = ort_outputs(session, spec.input.name, images, list(spec.output_names), batch_size)
     result = compare_outputs(spec, ref, got)
     result["n"] = len(images)
