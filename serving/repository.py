@@ -232,6 +232,27 @@ def write_floor_onnx(path: Path) -> Path:
     return path
 
 
+def _servable_plan(plan: Path, name: str, root: Path) -> bool:
+    """Whether Triton's TensorRT backend can load ``plan``: its sidecar must say full TensorRT built it.
+
+    TensorRT-RTX and ahead-of-time engines (``make engines`` on a CPU host) are never served; a plan
+    without metadata cannot be vouched for. Either is skipped with a note naming the file.
+    """
+    if not plan.exists():
+        return False
+    from export.tensorrt import repository_plan
+
+    info = repository_plan(name, root, int(VERSION))
+    if info is None:
+        why = "it has no model.plan.json (architecture and TensorRT version unknown)"
+    elif not info.triton_loadable:
+        why = f"it is a {info.label}, which Triton's TensorRT backend cannot load"
+    else:
+        return True
+    print(f"serving.repository: {plan} not served as {name}{TRT_SUFFIX}: {why}", file=sys.stderr)
+    return False
+
+
 def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None) -> list[Path]:
     """Add config.pbtxt (and, for cpu, model.py) next to ``<repo>/<name>/1/model.onnx``."""
     root = _repo_dir(repo_dir)
@@ -252,7 +273,7 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
         shutil.copyfile(BACKEND_MODEL_PY, dst)
         written.append(dst)
     plan = mdir / VERSION / PLAN_FILE
-    if target == "gpu" and plan.exists():
+    if target == "gpu" and _servable_plan(plan, spec.name, root):
         # Triton serves one platform per model: the engine becomes a sibling model "<name>_trt".
         tdir = root / f"{spec.name}{TRT_SUFFIX}"
         (tdir / VERSION).mkdir(parents=True, exist_ok=True)

@@ -133,9 +133,23 @@ def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
     np.testing.assert_array_equal(sess.run(None, {"image": x})[0], x)
 
 
+def _engine_sidecar(plan: Path, flavour: str, aot: bool) -> None:
+    from export.tensorrt import EngineInfo, metadata_path
+
+    info = EngineInfo(
+        model="cnn", plan=str(plan), precision="fp32", flavour=flavour, trt_version="10.7.0",
+        compute_capabilities=["9.0"], aot=aot, triton_loadable=flavour == "tensorrt", profile={},
+        inputs=[], outputs=[], onnx="model.onnx", onnx_sha256="", built_at="", build_seconds=0.0,
+        plan_bytes=plan.stat().st_size, plan_sha256="",
+    )
+    metadata_path(plan).write_text(info.to_json())
+
+
 def test_gpu_target_uses_native_backends_and_engines(tmp_path):
     rep.write_floor_onnx(rep.onnx_path("cnn", tmp_path))
-    (tmp_path / "cnn/1/model.plan").write_bytes(b"engine bytes")
+    plan = tmp_path / "cnn/1/model.plan"
+    plan.write_bytes(b"engine bytes")
+    _engine_sidecar(plan, "tensorrt", aot=False)
     rep.write_repository(["cnn"], "gpu", tmp_path)
     onnx_cfg = rep.parse_config((tmp_path / "cnn/config.pbtxt").read_text())
     assert (onnx_cfg.platform, onnx_cfg.default_model_filename) == ("onnxruntime_onnx", "model.onnx")
@@ -144,6 +158,21 @@ def test_gpu_target_uses_native_backends_and_engines(tmp_path):
     assert trt_cfg.default_model_filename == "model.plan"
     assert (tmp_path / "cnn_trt/1/model.plan").read_bytes() == b"engine bytes"
     assert rep.check_repository(tmp_path) == ["cnn", "cnn_trt", "passthrough"]
+
+
+@pytest.mark.parametrize("sidecar", ["tensorrt_rtx", None])
+def test_gpu_target_skips_engines_triton_cannot_load(tmp_path, capsys, sidecar):
+    """A TensorRT-RTX ahead-of-time engine, or a plan with no metadata, is never written as <name>_trt."""
+    rep.write_floor_onnx(rep.onnx_path("cnn", tmp_path))
+    plan = tmp_path / "cnn/1/model.plan"
+    plan.write_bytes(b"engine bytes")
+    if sidecar:
+        _engine_sidecar(plan, sidecar, aot=True)
+    rep.write_repository(["cnn"], "gpu", tmp_path)
+    assert rep.check_repository(tmp_path) == ["cnn", "passthrough"]
+    err = capsys.readouterr().err
+    assert f"{plan} not served as cnn_trt" in err
+    assert ("cannot load" if sidecar else "no model.plan.json") in err
 
 
 def test_repository_cli(tmp_path):
