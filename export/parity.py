@@ -38,8 +38,11 @@ class ParityResult:
         return asdict(self) | {"worst_max_abs": self.worst, "passed": not self.failures}
 
 
-def compare(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray], tol: float) -> tuple[dict, float, list]:
-    """Per-output max abs error, top-1 agreement on the logits output, and failure messages."""
+def compare(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray], tol: float | None = None
+            ) -> tuple[dict, float, list]:
+    """Per-output max abs error, top-1 agreement on the logits output, and failure messages.
+
+    ``tol`` applies to every output; None: each output's own tolerance from the spec."""
     errors, failures = {}, []
     for name, r, g in zip(spec.output_names, ref, got, strict=True):
         if r.shape != g.shape:
@@ -47,8 +50,9 @@ def compare(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray], tol: 
             continue
         err = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) if r.size else 0.0
         errors[name] = err
-        if not np.isfinite(err) or err > tol:
-            failures.append(f"output {name!r}: max abs error {err:.3g} > {tol:g}")
+        limit = spec.checks.max_abs(name) if tol is None else tol
+        if not np.isfinite(err) or err > limit:
+            failures.append(f"output {name!r}: max abs error {err:.3g} > {limit:g}")
     k = spec.output_names.index(spec.logits_output())
     agree = float(np.mean(ref[k].argmax(-1) == got[k].argmax(-1)))
     if agree < 1.0:
@@ -58,7 +62,6 @@ def compare(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray], tol: 
 
 def check_parity(spec: ModelSpec, model: torch.nn.Module, onnx_path: Path, custom_ops: bool = False,
                  tol: float | None = None, raise_on_fail: bool = True) -> ParityResult:
-    tol = spec.checks.fp32_max_abs if tol is None else tol
     session = ort_session(onnx_path, custom_ops=custom_ops)
     result = ParityResult(spec.name, str(onnx_path))
     agreements = []

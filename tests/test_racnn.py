@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training import create_model, get_spec
-from training.models.racnn import HALF_SIDE_BOUNDS, NUM_SCALES, racnn_bars, racnn_loss
+from training.models.racnn import HALF_SIDE_BOUNDS, LABEL_SMOOTHING, NUM_SCALES, RANK_MARGIN, racnn_bars, racnn_loss
 
 
 def _model(seed: int = 0, std: float = 3.0) -> torch.nn.Module:
@@ -109,15 +109,21 @@ def test_apn_reads_detached_features():
 
 def test_ranking_loss_penalises_a_worse_finer_scale():
     y = torch.tensor([0])
-    good, bad = torch.full((1, 10), -5.0), torch.full((1, 10), -5.0)
-    good[0, 0] = 5.0
-    worse_later = torch.stack((good, bad, bad), dim=1)  # scale 1 sure, scales 2-3 not
-    better_later = torch.stack((bad, good, good), dim=1)
+    good, bad, half = torch.full((1, 10), -5.0), torch.full((1, 10), -5.0), torch.zeros(1, 10)
+    good[0, 0] = 5.0  # p[y] ~ 0.9995
+    half[0, 0] = np.log(9.0)  # p[y] = 0.5
     boxes = torch.zeros(1, NUM_SCALES - 1, 4)
-    _, log_worse = racnn_loss((good, worse_later, boxes), {"label": y})
-    _, log_better = racnn_loss((good, better_later, boxes), {"label": y})
-    assert log_worse["rank"] == pytest.approx(1.0, abs=1e-3)  # (1 - 0.1 + m) + (0.1 - 0.1 + m)
-    assert log_better["rank"] == pytest.approx(0.05, abs=1e-3)  # only the margin between equal scales 2, 3
+
+    def rank(*scales):
+        return racnn_loss((good, torch.stack(scales, dim=1), boxes), {"label": y})[1]["rank"]
+
+    cap = 1 - LABEL_SMOOTHING * 0.9  # the confidence label smoothing aims for: 0.91
+    # scale 1 sure, scales 2-3 not: (cap - 0.1) + (0.1 + m - 0.1)
+    assert rank(good, bad, bad) == pytest.approx(cap - 0.1 + RANK_MARGIN, abs=1e-3)
+    # below the cap the margin applies between equal scales: 2 x m
+    assert rank(half, half, half) == pytest.approx(2 * RANK_MARGIN, abs=1e-4)
+    # past the cap a finer scale is never pushed further, so its logits are not driven up without end
+    assert rank(bad, good, good) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bars():

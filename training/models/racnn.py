@@ -36,6 +36,7 @@ from training.registry import (
 
 NUM_SCALES = 3
 RANK_MARGIN = 0.05
+LABEL_SMOOTHING = 0.1  # also caps the ranking target (see racnn_loss)
 # Half-side bounds per APN, as fractions of that scale's image. Scale 2's image is already the
 # scale-1 crop, so its box is at most 0.5 (the whole zoom, i.e. at most the scale-1 box) and at
 # least 0.3, which still holds a digit the scale-1 crop has centred; tighter cuts the digit.
@@ -113,15 +114,23 @@ class RACNN(nn.Module):
 
 
 def racnn_loss(outputs: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor]):
-    """Cross-entropy at every scale and on the fused logits, plus the inter-scale ranking loss."""
+    """Cross-entropy at every scale and on the fused logits, plus the inter-scale ranking loss.
+
+    Both terms are bounded so that no scale is pushed to unbounded confidence. The paper's ranking loss
+    max(0, p_s[y] - p_{s+1}[y] + margin) can never reach zero once p_s[y] > 1 - margin, so it drives the
+    finest scale's logits up without end; large logits make that scale's output swing with the tiny
+    box differences between runtimes (its image is a crop of a crop). Here the target p_s[y] + margin
+    is capped at the confidence label smoothing aims for, and the cross-entropy is label-smoothed.
+    """
     fused, scale_logits, _ = outputs
     y = batch["label"]
-    ce_scales = [F.cross_entropy(scale_logits[:, s], y) for s in range(NUM_SCALES)]
-    ce_fused = F.cross_entropy(fused, y)
+    ce_scales = [F.cross_entropy(scale_logits[:, s], y, label_smoothing=LABEL_SMOOTHING) for s in range(NUM_SCALES)]
+    ce_fused = F.cross_entropy(fused, y, label_smoothing=LABEL_SMOOTHING)
     p_true = torch.softmax(scale_logits, dim=-1).gather(2, y[:, None, None].expand(-1, NUM_SCALES, 1))[..., 0]
     # The coarser scale is detached: the ranking term should pull the finer scale (and the APN box
     # feeding it) up, never push the coarser classifier down.
-    rank = sum(F.relu(p_true[:, s].detach() - p_true[:, s + 1] + RANK_MARGIN).mean()
+    cap = 1.0 - LABEL_SMOOTHING * (1.0 - 1.0 / scale_logits.shape[-1])
+    rank = sum(F.relu(torch.clamp(p_true[:, s].detach() + RANK_MARGIN, max=cap) - p_true[:, s + 1]).mean()
                for s in range(NUM_SCALES - 1))
     loss = sum(ce_scales) + ce_fused + rank
     log = {"loss": loss.item(), "rank": rank.item(), "acc": float((fused.argmax(1) == y).float().mean())}
@@ -169,8 +178,9 @@ register_model(ModelSpec(
     ),
     train=TrainRecipe(steps=3000, batch_size=64, lr=3e-3, loss=racnn_loss, metrics=racnn_metrics),
     export=ExportOptions(opset=18, fp16_keep_fp32_ops=("GridSample",)),
-    # Measured on the trained model: boxes match torch to ~2e-6, but scale 3 samples a crop of a crop,
-    # so a 1-ulp difference in the box or in GridSample's coordinate arithmetic moves its samples and
-    # reaches its logits as up to ~1.3e-3 (scale 2: ~1e-4, scale 1: ~1e-5). Top-1 must still agree.
-    checks=Checks(min_accuracy=0.97, bars=racnn_bars, fp32_max_abs=3e-3),
+    # Measured on the trained model (reports/parity.json): the fused logits (the prediction) and the boxes
+    # meet the default 1e-4 (3.4e-5, 1.6e-6). The per-scale logits do not: scale 3 classifies a crop of a
+    # crop, and a box ~1e-6 apart between runtimes moves its sample points; its logits then differ by up
+    # to 3.0e-4 (box noise of 1e-6 in torch alone moves them by ~2e-3). Top-1 must still agree exactly.
+    checks=Checks(min_accuracy=0.97, bars=racnn_bars, output_max_abs={"scale_logits": 5e-4}),
 ))
