@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from export.timing import percentiles
+
 Runner = Callable[[np.ndarray], list[np.ndarray]]
 
 
@@ -119,7 +121,7 @@ def run_batched(runner: Runner, images: np.ndarray, batch: int = 64) -> list[np.
 
 
 def benchmark(runner: Runner, images: np.ndarray, batches: tuple[int, ...], iters: int, warmup: int = 10) -> dict:
-    """p50/p95 latency (ms) and throughput (images/s) per batch size; each call is synchronous."""
+    """p50/p95/p99 latency (ms) and throughput (images/s) per batch size; each call is synchronous."""
     rows = {}
     for b in batches:
         x = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))  # repeat images to fill the batch
@@ -130,12 +132,8 @@ def benchmark(runner: Runner, images: np.ndarray, batches: tuple[int, ...], iter
             start = time.perf_counter()
             runner(x)
             times.append(time.perf_counter() - start)
-        t = np.asarray(times) * 1e3
-        rows[str(b)] = {
-            "p50_ms": float(np.percentile(t, 50)),
-            "p95_ms": float(np.percentile(t, 95)),
-            "throughput": float(b / (t.mean() / 1e3)),
-        }
+        p = percentiles([t * 1e3 for t in times])
+        rows[str(b)] = {"p50_ms": p["p50"], "p95_ms": p["p95"], "p99_ms": p["p99"], "throughput": b / (p["mean"] / 1e3)}
     return rows
 
 

@@ -17,16 +17,11 @@ from tqdm import tqdm
 
 from export.pipeline import onnx_path
 from export.runtime import ort_session, run
+from export.timing import percentiles
 from training import paths
 from training.checkpoints import load_trained
 from training.data import test_images
 from training.registry import get_spec, list_models
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_ms)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
 
 
 def bench_model(name: str, batch: int = 32, rounds: int = 60, threads: int = 2) -> dict:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from export.timing import percentiles
 from serving import repository as rep
 
 FLOOR_FACTOR = 1.2  # served p50 <= onnxruntime p50 + FLOOR_FACTOR x floor
@@ -64,6 +65,9 @@ class Settings:
     max_trials: int = 5
     inprocess_s: float = 3.0
     tool: str = "auto"  # auto | perf_analyzer | python
+    intra_op_threads: int | None = None  # override the spec's serving threads (served and in-process alike)
+    pin: bool = True  # server + in-process references on the last cores, load generator on the first
+    max_queue_delay_us: int | None = None  # override the spec's dynamic-batching queue delay
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -89,9 +93,8 @@ def example_inputs(spec, batch: int = 1) -> dict[str, np.ndarray]:
 
 
 def _stats(lat_s: list[float], elapsed: float) -> tuple[float, float, float, float]:
-    ms = np.asarray(lat_s) * 1e3
-    p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
-    return p50, p95, p99, len(ms) / elapsed
+    p = percentiles([t * 1e3 for t in lat_s])
+    return p["p50"], p["p95"], p["p99"], len(lat_s) / elapsed
 
 
 def measure_callable(fn: Callable[[], Any], concurrency: int, duration: float, warmup: int = 5
@@ -121,12 +124,12 @@ def measure_callable(fn: Callable[[], Any], concurrency: int, duration: float, w
     return (*_stats(flat, elapsed), len(flat))
 
 
-def ort_session(path: Path, threads: int | None = None):
+def ort_session(path: Path, threads: int):
     """Same session options as the served python backend (serving/backend/model.py), for a fair floor."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -165,8 +168,8 @@ def perf_analyzer_works() -> bool:
     return r.returncode == 0
 
 
-def run_perf_analyzer(model: str, url: str, protocol: str, concurrency: int, data_json: Path, s: Settings
-                      ) -> tuple[float, float, float, float, int]:
+def run_perf_analyzer(model: str, url: str, protocol: str, concurrency: int, data_json: Path, s: Settings,
+                      cpus: list[int] | None = None) -> tuple[float, float, float, float, int]:
     from serving.server import prepare_runtime, server_env
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +178,8 @@ def run_perf_analyzer(model: str, url: str, protocol: str, concurrency: int, dat
                "--concurrency-range", str(concurrency), "--input-data", str(data_json),
                "-p", str(s.window_ms), "--stability-percentage", str(s.stability),
                "--max-trials", str(s.max_trials), "-f", str(out)]
-        r = subprocess.run(cmd, env=server_env(prepare_runtime()), capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, env=server_env(prepare_runtime()), capture_output=True, text=True, timeout=600,
+                           preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         if r.returncode != 0 or not out.exists():
             tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
             raise RuntimeError(f"perf_analyzer failed for {model} ({protocol}, c={concurrency}): {' | '.join(tail)}")
@@ -213,8 +217,25 @@ def server_counts(server, model: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------- run
 
 
-def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, log: Callable[[str], None]
-                ) -> tuple[list[Row], str]:
+def split_cores() -> tuple[list[int], list[int]] | None:
+    """(server cores, load-generator cores): the first core drives the load, the rest serve. None on 1 core.
+
+    On a small host perf_analyzer would otherwise take CPU from the very server it measures (a real client
+    runs on another machine); the in-process references run on the server's cores, so both sides of each
+    comparison get the same CPUs.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    return (cores[1:], cores[:1]) if len(cores) > 1 else None
+
+
+def pin_this_process(cpus: list[int]) -> None:
+    """Move every thread of this process (torch/onnxruntime pools included) onto ``cpus``."""
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, log: Callable[[str], None],
+                client_cpus: list[int] | None = None) -> tuple[list[Row], str]:
     import torch
 
     spec = rep.spec_for(name)
@@ -231,6 +252,8 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
 
     # In-process references, on the same cores the server uses.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if client_cpus:
+        pin_this_process(sorted(os.sched_getaffinity(0)))  # threads created since the last model
     model, note = torch_model(name)
     tx = [torch.from_numpy(v) for v in inputs.values()]
 
@@ -240,7 +263,15 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
 
     for c in s.concurrency:
         add("torch", "in-process", "-", c, measure_callable(torch_call, c, s.inprocess_s), "python")
-    sess = ort_session(onnx_file)
+    def config(batching: str):
+        cfg = rep.model_config(spec, "cpu", dynamic_batching=batching == "on")
+        if s.intra_op_threads:
+            cfg.parameters["intra_op_threads"].string_value = str(s.intra_op_threads)
+        if s.max_queue_delay_us is not None and batching == "on":
+            cfg.dynamic_batching.max_queue_delay_microseconds = s.max_queue_delay_us
+        return cfg
+
+    sess = ort_session(onnx_file, rep.intra_op_threads(config("on")))
     for c in s.concurrency:
         add("onnxruntime", "in-process", "-", c, measure_callable(lambda: sess.run(None, inputs), c, s.inprocess_s),
             "python")
@@ -252,8 +283,7 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
                                                    for k, v in inputs.items()}]}))
     try:
         for batching in ("on", "off"):
-            cfg = rep.model_config(spec, "cpu", dynamic_batching=batching == "on")
-            server.load(name, config=rep.config_json(cfg))  # config override: same files, batcher on/off
+            server.load(name, config=rep.config_json(config(batching)))  # same files, batcher on/off
             for protocol in s.protocols:
                 url = server.grpc_url if protocol == "grpc" else server.http_url
                 for c in s.concurrency:
@@ -261,13 +291,13 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
                     tool = "perf_analyzer" if use_pa else "python"
                     if use_pa:
                         try:
-                            res = run_perf_analyzer(name, url, protocol, c, data_json, s)
+                            res = run_perf_analyzer(name, url, protocol, c, data_json, s, client_cpus)
                         except RuntimeError:
                             # Noisy host: no stable window. One retry with a window twice as long, then the
                             # Python client (marked as such in the table).
                             try:
                                 res = run_perf_analyzer(name, url, protocol, c, data_json,
-                                                        replace(s, window_ms=2 * s.window_ms))
+                                                        replace(s, window_ms=2 * s.window_ms), client_cpus)
                             except RuntimeError as e:
                                 log(f"  {e}; measuring with the Python client instead")
                                 res, tool = run_python_client(name, url, protocol, c, inputs, s), "python"
@@ -329,7 +359,8 @@ def write_markdown(path: Path, rows: list[Row], summary: dict[str, Any], meta: d
              f"{meta['loadavg']} at start, {meta['loadavg_end']} at the end), {meta['date']}. "
              f"Triton {meta['triton']} (pip nvidia-pytriton, python backend + onnxruntime {meta['onnxruntime']}); "
              f"Triton measured with {meta['tool']} "
-             f"({meta['tool_args']}). Batch 1 per request; latency in ms.", ""]
+             f"({meta['tool_args']}). Batch 1 per request; latency in ms. "
+             f"CPU pinning: {meta.get('pinning') or 'none (every process on every core)'}.", ""]
     floor = summary["floor_ms"]
     lines += ["**Floor** (pass-through model through the same python backend, p50 at concurrency 1): "
               + ", ".join(f"{k} {v:.3f} ms" for k, v in floor.items()), ""]
@@ -437,16 +468,28 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
                 "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M"),
                 "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                 "tool": "perf_analyzer" if use_pa else "a Python client", "tool_args": tool_args, "notes": notes}
+        split = split_cores() if s.pin and use_pa else None
+        server_cpus, client_cpus = split or (None, None)
+        all_cpus = sorted(os.sched_getaffinity(0))
+        if split:
+            pin_this_process(server_cpus)
+            meta["pinning"] = (f"server and in-process references on CPU {','.join(map(str, server_cpus))}, "
+                               f"perf_analyzer on CPU {','.join(map(str, client_cpus))}")
         http, grpc, metrics = free_ports(3)
         rows: list[Row] = []
-        with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True) as server:
-            meta["triton"] = "2.51"
-            for m in [rep.FLOOR_MODEL, *served]:  # the floor first: every later number is read against it
-                log(f"{m}:")
-                r, note = bench_model(m, server, rep.onnx_path(m, repo), s, use_pa, log)
-                rows += r
-                if note:
-                    notes.append(f"{m}: torch row uses {note} (no checkpoint)")
+        try:
+            with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True,
+                              cpus=server_cpus) as server:
+                meta["triton"] = "2.51"
+                for m in [rep.FLOOR_MODEL, *served]:  # the floor first: every later number is read against it
+                    log(f"{m}:")
+                    r, note = bench_model(m, server, rep.onnx_path(m, repo), s, use_pa, log, client_cpus)
+                    rows += r
+                    if note:
+                        notes.append(f"{m}: torch row uses {note} (no checkpoint)")
+        finally:
+            if split:
+                pin_this_process(all_cpus)
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if max(float(meta["loadavg"].split()[0]), os.getloadavg()[0]) > 0.5 * meta["cpus"]:
         notes.append(f"the host was busy with other work (load average {meta['loadavg']} at start, "
@@ -469,11 +512,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--protocols", nargs="+", choices=("grpc", "http"), default=["grpc", "http"])
     p.add_argument("--tool", choices=("auto", "perf_analyzer", "python"), default="auto")
+    p.add_argument("--intra-op-threads", type=int, default=None,
+                   help="onnxruntime threads, served and in-process (default: the spec's serving setting)")
+    p.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="dynamic batching queue delay (default: the spec's serving setting)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not split the cores between the server (+ in-process references) and perf_analyzer")
     p.add_argument("--quick", action="store_true", help="short windows (a smoke run, noisier numbers)")
     p.add_argument("--untrained", action="store_true", help="export fresh untrained weights (no `make export` needed)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    s = Settings(concurrency=tuple(sorted(set(args.concurrency))), protocols=tuple(args.protocols), tool=args.tool)
+    s = Settings(concurrency=tuple(sorted(set(args.concurrency))), protocols=tuple(args.protocols), tool=args.tool,
+                 intra_op_threads=args.intra_op_threads, pin=not args.no_pin,
+                 max_queue_delay_us=args.max_queue_delay_us)
     if args.quick:
         s.window_ms, s.inprocess_s = 1000, 1.0
     try:

@@ -136,13 +136,22 @@ def model_config(spec: ModelSpec, target: str = "cpu", *, dynamic_batching: bool
     # Read by the generic backend (file, threads) and by clients (how to present each output).
     params = {
         "onnx_file": ONNX_FILE,
-        "intra_op_threads": "0",  # 0: the host's usable cores divided among the instances
+        "intra_op_threads": str(so.intra_op_threads),  # 0: the host's usable cores divided among the instances
         "output_kinds": json.dumps({t.name: t.kind for t in spec.outputs}),
         "description": spec.description,
     }
     for k, v in params.items():
         cfg.parameters[k].string_value = v
     return cfg
+
+
+def intra_op_threads(cfg: Any) -> int:
+    """The onnxruntime thread count the generic backend will use for ``cfg`` (same rule as model.py)."""
+    import os
+
+    instances = sum(g.count or 1 for g in cfg.instance_group) or 1
+    fixed = int(cfg.parameters["intra_op_threads"].string_value or 0)
+    return fixed or max(1, len(os.sched_getaffinity(0)) // instances)
 
 
 def config_text(cfg: Any) -> str:

@@ -203,7 +203,7 @@ class TritonServer:
                  host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, startup_timeout: float = 120.0, require_all: bool = False,
                  probe: bool = True, log_path: str | Path | None = None, verbose: int = 0,
-                 extra_args: Iterable[str] = ()) -> None:
+                 extra_args: Iterable[str] = (), cpus: Iterable[int] | None = None) -> None:
         from serving.repository import _repo_dir, served_models
 
         self.repository = _repo_dir(repository).resolve()
@@ -211,6 +211,8 @@ class TritonServer:
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.startup_timeout, self.require_all, self.probe_on_start = startup_timeout, require_all, probe
         self.verbose, self.extra_args = verbose, list(extra_args)
+        # CPU affinity of the server and its python-backend stubs (they inherit it); None: every core.
+        self.cpus = sorted(cpus) if cpus is not None else None
         self._log_arg = Path(log_path) if log_path else None
         self.log_path: Path | None = None
         self.proc: subprocess.Popen | None = None
@@ -269,13 +271,17 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(runtime), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=server_env(runtime),
-                                         start_new_session=True)  # Ctrl-C reaches us, and we stop it cleanly
+                                         start_new_session=True,  # Ctrl-C reaches us, and we stop it cleanly
+                                         preexec_fn=self._pin if self.cpus else None)
         try:
             self.wait_ready(self.startup_timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _pin(self) -> None:
+        os.sched_setaffinity(0, self.cpus)
 
     def log_tail(self, n: int = 15) -> str:
         if not self.log_path or not self.log_path.exists():

@@ -33,3 +33,23 @@ def test_bench_smoke_writes_tables_and_plot(tmp_path):
     assert "**Floor**" in md and "| passthrough | triton | grpc | off | 4 |" in md
     assert json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+@pytest.mark.server
+def test_perf_analyzer_run_keeps_the_load_generator_off_the_server_cores(tmp_path):
+    """On a multi-core host the server (and the in-process references) get all cores but the first, which
+    perf_analyzer gets; the caller's own affinity is restored afterwards."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one usable core: nothing to split")
+    before = os.sched_getaffinity(0)
+    s = bench.Settings(concurrency=(1,), protocols=("grpc",), window_ms=500, max_trials=3, inprocess_s=0.3,
+                       tool="perf_analyzer")
+    res = bench.run([], s, tmp_path, log=lambda m: None)
+    server_cpus, client_cpus = bench.split_cores()
+    assert res["meta"]["pinning"] == (f"server and in-process references on CPU {','.join(map(str, server_cpus))}, "
+                                      f"perf_analyzer on CPU {','.join(map(str, client_cpus))}")
+    assert any(r.tool == "perf_analyzer" for r in res["rows"] if r.runtime == "triton")
+    assert os.sched_getaffinity(0) == before
+    assert "CPU pinning: server and in-process references on CPU" in (tmp_path / "bench.md").read_text()
