@@ -163,3 +163,34 @@ def test_onnx_parity_dynamic_batch_and_size(exported, batch, side):
     for name, r, g in zip(get_spec("racnn").output_names, ref, got, strict=True):
         assert g.shape == r.shape, name
         assert np.abs(g - r).max() <= 1e-4, name
+
+
+@pytest.mark.parametrize("side", [64, 80])
+def test_trained_graph_is_as_close_to_float64_math_as_torch_float32_is(side):
+    """The referee for the relaxed ``scale_logits`` tolerance: the same trained model evaluated in float64.
+
+    Torch's own float32 result differs from the float64 one by about as much as onnxruntime's does, so
+    the ORT-vs-torch gap is two float32 roundoffs of an ill-conditioned output (a crop of a crop), not an
+    export error. An export bug (a wrong op, a shifted grid) would put ORT far from the float64 math.
+    """
+    from export.runtime import ort_session, run
+    from tests.conftest import require_checkpoint, require_onnx
+    from training import load_trained
+    from training.data import test_images
+
+    require_checkpoint("racnn")
+    path = require_onnx("racnn")
+    x, _ = test_images(64, canvas=side)
+    with torch.no_grad():
+        r32 = [t.numpy() for t in load_trained("racnn")(torch.from_numpy(x))]
+        r64 = [t.numpy() for t in load_trained("racnn").double()(torch.from_numpy(x).double())]
+    got = run(ort_session(path), x)
+    spec = get_spec("racnn")
+    for name, a32, a64, g in zip(spec.output_names, r32, r64, got, strict=True):
+        torch_err, ort_err = np.abs(a32 - a64).max(), np.abs(g - a64).max()
+        # measured (64 px): scale_logits torch 1.2e-4, ORT 1.8e-4; logits 2.0e-5 / 2.7e-5; boxes 6.5e-7 / 1.0e-6
+        limit = max(spec.checks.fp32_max_abs, 3 * torch_err)
+        assert ort_err <= limit, f"{name}: ORT {ort_err:.1e} from float64, torch float32 {torch_err:.1e}"
+    # Torch's own float32 roundoff already uses a third or more of the default 1e-4 bar on scale_logits:
+    # a second float32 evaluation (any runtime) cannot be held to 1e-4 of it.
+    assert np.abs(r32[1] - r64[1]).max() > 0.3 * spec.checks.fp32_max_abs
