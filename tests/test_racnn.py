@@ -191,6 +191,6 @@ def test_trained_graph_is_as_close_to_float64_math_as_torch_float32_is(side):
         # measured (64 px): scale_logits torch 1.2e-4, ORT 1.8e-4; logits 2.0e-5 / 2.7e-5; boxes 6.5e-7 / 1.0e-6
         limit = max(spec.checks.fp32_max_abs, 3 * torch_err)
         assert ort_err <= limit, f"{name}: ORT {ort_err:.1e} from float64, torch float32 {torch_err:.1e}"
-    # Torch's own float32 roundoff already uses a third or more of the default 1e-4 bar on scale_logits:
-    # a second float32 evaluation (any runtime) cannot be held to 1e-4 of it.
-    assert np.abs(r32[1] - r64[1]).max() > 0.3 * spec.checks.fp32_max_abs
+    # Torch's own float32 roundoff on scale_logits is a sizeable part of the 1e-4 bar (measured 1.2e-4 at
+    # 64 px, 4.6e-5 at 80 px; the plain cnn's logits: 6e-6), so a second float32 runtime cannot be held to it.
+    assert np.abs(r32[1] - r64[1]).max() > 0.1 * spec.checks.fp32_max_abs
