@@ -250,6 +250,15 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
         log(f"  {name:18s} {runtime:11s} {protocol:10s} batching {batching:3s} c={c:<3d} p50 {r.p50_ms:8.3f} ms  "
             f"p99 {r.p99_ms:8.3f} ms  {r.throughput:8.1f} req/s{avg}")
 
+    def config(batching: str):
+        """The served config, with this run's overrides (the in-process onnxruntime reads its threads too)."""
+        cfg = rep.model_config(spec, "cpu", dynamic_batching=batching == "on")
+        if s.intra_op_threads:
+            cfg.parameters["intra_op_threads"].string_value = str(s.intra_op_threads)
+        if s.max_queue_delay_us is not None and batching == "on":
+            cfg.dynamic_batching.max_queue_delay_microseconds = s.max_queue_delay_us
+        return cfg
+
     # In-process references, on the same cores the server uses.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     if client_cpus:
@@ -263,14 +272,6 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
 
     for c in s.concurrency:
         add("torch", "in-process", "-", c, measure_callable(torch_call, c, s.inprocess_s), "python")
-    def config(batching: str):
-        cfg = rep.model_config(spec, "cpu", dynamic_batching=batching == "on")
-        if s.intra_op_threads:
-            cfg.parameters["intra_op_threads"].string_value = str(s.intra_op_threads)
-        if s.max_queue_delay_us is not None and batching == "on":
-            cfg.dynamic_batching.max_queue_delay_microseconds = s.max_queue_delay_us
-        return cfg
-
     sess = ort_session(onnx_file, rep.intra_op_threads(config("on")))
     for c in s.concurrency:
         add("onnxruntime", "in-process", "-", c, measure_callable(lambda: sess.run(None, inputs), c, s.inprocess_s),
