@@ -13,7 +13,7 @@ from training.checkpoints import load_metrics, load_trained
 from training.registry import get_spec
 from training.train import ensure_trained
 
-_PLAIN_METRICS = {"accuracy", "steps", "train_seconds", "params", "bar_failures"}
+_PLAIN_METRICS = {"accuracy", "steps", "recipe", "train_seconds", "params", "bar_failures"}
 
 
 @dataclass

@@ -194,3 +194,16 @@ def test_trained_graph_is_as_close_to_float64_math_as_torch_float32_is(side):
     # Torch's own float32 roundoff on scale_logits is a sizeable part of the 1e-4 bar (measured 1.2e-4 at
     # 64 px, 4.6e-5 at 80 px; the plain cnn's logits: 6e-6), so a second float32 runtime cannot be held to it.
     assert np.abs(r32[1] - r64[1]).max() > 0.1 * spec.checks.fp32_max_abs
+
+
+def test_recipe_fingerprint_tracks_the_loss_and_every_value():
+    """`make export` retrains when the recipe changed: a loss edit counts, not only the step count."""
+    import dataclasses
+
+    from training.models.common import classification_loss
+    from training.train import recipe_fingerprint
+
+    r = get_spec("racnn").train
+    assert recipe_fingerprint(r) == recipe_fingerprint(dataclasses.replace(r))
+    assert recipe_fingerprint(r) != recipe_fingerprint(dataclasses.replace(r, steps=r.steps + 1))
+    assert recipe_fingerprint(r) != recipe_fingerprint(dataclasses.replace(r, loss=classification_loss))

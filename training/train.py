@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import json
 import math
 import time
 from typing import Any
@@ -13,7 +17,7 @@ from tqdm import tqdm
 from training.checkpoints import checkpoint_path, load_metrics, save_checkpoint
 from training.data import make_split
 from training.models.common import accuracy, classification_loss
-from training.registry import ModelSpec, get_spec
+from training.registry import ModelSpec, TrainRecipe, get_spec
 
 
 def _batches(data: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator):
@@ -51,6 +55,16 @@ def bar_failures(spec: ModelSpec, metrics: dict[str, float]) -> list[str]:
     return failures
 
 
+def recipe_fingerprint(recipe: TrainRecipe) -> str:
+    """What the weights depend on: every recipe value plus the loss function's source.
+
+    Stored beside the checkpoint, so that editing a model's loss (not only its step count) retrains it.
+    """
+    values = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name not in ("loss", "metrics")}
+    loss = inspect.getsource(recipe.loss) if recipe.loss else "classification_loss"
+    return hashlib.sha256((json.dumps(values, sort_keys=True) + loss).encode()).hexdigest()[:16]
+
+
 def train_model(name: str, steps: int | None = None, train_size: int | None = None,
                 test_size: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
     """Train ``name`` with its recipe (overrides are for tests), evaluate, and save the checkpoint."""
@@ -82,7 +96,8 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
             bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()})
     train_s = time.perf_counter() - start
     metrics: dict[str, Any] = evaluate(spec, model, test)
-    metrics.update(steps=steps, train_seconds=round(train_s, 1),
+    effective = dataclasses.replace(r, steps=steps, train_size=len(train["label"]), test_size=len(test["label"]))
+    metrics.update(steps=steps, recipe=recipe_fingerprint(effective), train_seconds=round(train_s, 1),
                    params=sum(p.numel() for p in model.parameters()))
     metrics["bar_failures"] = bar_failures(spec, metrics)
     if save:
@@ -93,6 +108,6 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
 def ensure_trained(name: str, progress: bool = True) -> dict[str, Any]:
     """Train only when the checkpoint is missing or was trained to another recipe (what `make export` calls)."""
     metrics = load_metrics(name) if checkpoint_path(name).exists() else {}
-    if metrics.get("steps") == get_spec(name).train.steps:
+    if metrics.get("recipe") == recipe_fingerprint(get_spec(name).train):
         return metrics
     return train_model(name, progress=progress)
