@@ -260,9 +260,7 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
         return cfg
 
     # In-process references, on the same cores the server uses.
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    if client_cpus:
-        pin_this_process(sorted(os.sched_getaffinity(0)))  # threads created since the last model
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # new threads inherit run()'s pinning
     model, note = torch_model(name)
     tx = [torch.from_numpy(v) for v in inputs.values()]
 
