@@ -196,8 +196,9 @@ def test_trained_graph_is_as_close_to_float64_math_as_torch_float32_is(side):
     assert np.abs(r32[1] - r64[1]).max() > 0.1 * spec.checks.fp32_max_abs
 
 
-def test_recipe_fingerprint_tracks_the_loss_and_every_value():
-    """`make export` retrains when the recipe changed: a loss edit counts, not only the step count."""
+def test_recipe_fingerprint_tracks_the_loss_the_model_and_every_value():
+    """`make export` retrains when the recipe or the model changed: a loss or layer edit counts, not only
+    the step count."""
     import dataclasses
 
     from training.models.common import classification_loss
@@ -207,3 +208,7 @@ def test_recipe_fingerprint_tracks_the_loss_and_every_value():
     assert recipe_fingerprint(r) == recipe_fingerprint(dataclasses.replace(r))
     assert recipe_fingerprint(r) != recipe_fingerprint(dataclasses.replace(r, steps=r.steps + 1))
     assert recipe_fingerprint(r) != recipe_fingerprint(dataclasses.replace(r, loss=classification_loss))
+    spec, cnn = get_spec("racnn"), get_spec("cnn")
+    assert recipe_fingerprint(r, spec.builder) == recipe_fingerprint(r, spec.builder)
+    assert recipe_fingerprint(r, spec.builder) != recipe_fingerprint(r)
+    assert recipe_fingerprint(r, spec.builder) != recipe_fingerprint(r, cnn.builder)

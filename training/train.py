@@ -55,14 +55,16 @@ def bar_failures(spec: ModelSpec, metrics: dict[str, float]) -> list[str]:
     return failures
 
 
-def recipe_fingerprint(recipe: TrainRecipe) -> str:
-    """What the weights depend on: every recipe value plus the loss function's source.
+def recipe_fingerprint(recipe: TrainRecipe, builder: Any = None) -> str:
+    """What the weights depend on: every recipe value, the loss function's source and the source of the
+    module that defines the model (its layers and constants, e.g. RA-CNN's crop blur).
 
-    Stored beside the checkpoint, so that editing a model's loss (not only its step count) retrains it.
+    Stored beside the checkpoint, so that editing a model or its loss (not only its step count) retrains it.
     """
     values = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name not in ("loss", "metrics")}
     loss = inspect.getsource(recipe.loss) if recipe.loss else "classification_loss"
-    return hashlib.sha256((json.dumps(values, sort_keys=True) + loss).encode()).hexdigest()[:16]
+    model = inspect.getsource(inspect.getmodule(builder)) if builder is not None else ""
+    return hashlib.sha256((json.dumps(values, sort_keys=True) + loss + model).encode()).hexdigest()[:16]
 
 
 def train_model(name: str, steps: int | None = None, train_size: int | None = None,
@@ -97,7 +99,7 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
     train_s = time.perf_counter() - start
     metrics: dict[str, Any] = evaluate(spec, model, test)
     effective = dataclasses.replace(r, steps=steps, train_size=len(train["label"]), test_size=len(test["label"]))
-    metrics.update(steps=steps, recipe=recipe_fingerprint(effective), train_seconds=round(train_s, 1),
+    metrics.update(steps=steps, recipe=recipe_fingerprint(effective, spec.builder), train_seconds=round(train_s, 1),
                    params=sum(p.numel() for p in model.parameters()))
     metrics["bar_failures"] = bar_failures(spec, metrics)
     if save:
@@ -108,6 +110,7 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
 def ensure_trained(name: str, progress: bool = True) -> dict[str, Any]:
     """Train only when the checkpoint is missing or was trained to another recipe (what `make export` calls)."""
     metrics = load_metrics(name) if checkpoint_path(name).exists() else {}
-    if metrics.get("recipe") == recipe_fingerprint(get_spec(name).train):
+    spec = get_spec(name)
+    if metrics.get("recipe") == recipe_fingerprint(spec.train, spec.builder):
         return metrics
     return train_model(name, progress=progress)
