@@ -63,18 +63,13 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class Checks:
-    fp32_max_abs: float = 1e-4  # torch vs onnxruntime, every output unless output_max_abs names it
-    output_max_abs: dict[str, float] = field(default_factory=dict)  # measured exceptions, per output name
+    fp32_max_abs: float = 1e-4  # torch vs onnxruntime, every output
     trt_fp32_max_abs: float = 1e-3
     fp16_min_top1_agreement: float = 0.995
     min_accuracy: float = 0.95  # on the test split, checked after training
     parity_batches: tuple[int, ...] = (1, 8, 64)
     parity_sides: tuple[int, ...] = (64, 80)  # second input size catches shapes frozen at export
     bars: BarsFn | None = None
-
-    def max_abs(self, output: str) -> float:
-        """The fp32 (torch vs onnxruntime) tolerance for one output."""
-        return self.output_max_abs.get(output, self.fp32_max_abs)
 
 
 @dataclass(frozen=True)
