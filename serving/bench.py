@@ -35,6 +35,7 @@ import numpy as np
 
 from export.timing import percentiles
 from serving import repository as rep
+from serving.cli import cli_error
 
 FLOOR_FACTOR = 1.2  # served p50 <= onnxruntime p50 + FLOOR_FACTOR x floor
 MIN_BATCHING_GAIN = 2.0  # throughput at concurrency 16, dynamic batching on / off
@@ -532,10 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or paths.REPORTS_DIR
         res = run(args.models, s, out, args.repo, args.untrained, log=lambda m: print(m, flush=True))
     except Exception as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli_error(e, args.debug)
     summ = res["summary"]
     print(f"floor (p50, concurrency 1): {summ['floor_ms']}")
     failed = []

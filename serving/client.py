@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.cli import cli_error
+
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 
@@ -384,10 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(_format(label, results[k]))
     except Exception as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli_error(e, args.debug)
     return 0
 
 

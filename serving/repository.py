@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.cli import cli_error
+
 if TYPE_CHECKING:
     from training.registry import ModelSpec, TensorSpec
 
@@ -351,10 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in write_repository(args.models or None, args.target, args.repo):
                 print(path)
     except Exception as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli_error(e, args.debug)
     return 0
 
 

@@ -36,6 +36,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from serving.cli import cli_error
+
 EXIT_TIMEOUT_S = 5
 STUB_PYTHON = "3.11"
 
@@ -468,10 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except Exception as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli_error(e, args.debug)
     finally:
         if server is not None:
             code = server.stop()
