@@ -225,3 +225,14 @@ def test_recipe_fingerprint_tracks_the_loss_the_model_and_every_value():
     assert recipe_fingerprint(r, spec.builder) == recipe_fingerprint(r, spec.builder)
     assert recipe_fingerprint(r, spec.builder) != recipe_fingerprint(r)
     assert recipe_fingerprint(r, spec.builder) != recipe_fingerprint(r, cnn.builder)
+
+
+def test_fingerprint_covers_the_modules_a_model_is_built_from():
+    """Editing the shared backbone or the crop op retrains RA-CNN too, not only editing racnn.py."""
+    from training.train import model_modules
+
+    assert model_modules(get_spec("racnn").builder) == [
+        "training.models.racnn", "training.models.common", "training.ops.crop_zoom"]
+    assert model_modules(get_spec("nonlocal_dot").builder) == ["training.models.nonlocal_net", "training.models.common"]
+    assert model_modules(get_spec("cnn").builder) == ["training.models.common"]
+    assert model_modules(None) == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import inspect
 import json
 import math
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,15 +58,32 @@ def bar_failures(spec: ModelSpec, metrics: dict[str, float]) -> list[str]:
     return failures
 
 
-def recipe_fingerprint(recipe: TrainRecipe, builder: Any = None) -> str:
+def model_modules(builder: Callable | None) -> list[str]:
+    """The modules a model's weights depend on: the one defining ``builder`` plus every model or op module
+    (``training.models.*``, ``training.ops.*``) it imports from, e.g. racnn -> racnn, common, ops.crop_zoom.
+
+    Read from the import statements: an imported custom op (a ``CustomOpDef``) does not name its module."""
+    if builder is None:
+        return []
+    home = inspect.getmodule(builder)
+    used, packages = set(), ("training.models", "training.ops")
+    for node in ast.walk(ast.parse(inspect.getsource(home))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(packages):
+            # `from training.ops import crop_zoom` names the submodule training.ops.crop_zoom when there is one
+            used |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in sys.modules else node.module
+                     for a in node.names}
+    return [home.__name__, *sorted(used - {home.__name__})]
+
+
+def recipe_fingerprint(recipe: TrainRecipe, builder: Callable | None = None) -> str:
     """What the weights depend on: every recipe value, the loss function's source and the source of the
-    module that defines the model (its layers and constants, e.g. RA-CNN's crop blur).
+    model's modules (its layers and constants, e.g. RA-CNN's input low-pass; see ``model_modules``).
 
     Stored beside the checkpoint, so that editing a model or its loss (not only its step count) retrains it.
     """
     values = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name not in ("loss", "metrics")}
     loss = inspect.getsource(recipe.loss) if recipe.loss else "classification_loss"
-    model = inspect.getsource(inspect.getmodule(builder)) if builder is not None else ""
+    model = "".join(inspect.getsource(sys.modules[m]) for m in model_modules(builder))
     return hashlib.sha256((json.dumps(values, sort_keys=True) + loss + model).encode()).hexdigest()[:16]
 
 
