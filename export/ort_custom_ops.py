@@ -63,12 +63,9 @@ def register_kernels() -> None:
     _registered = True
 
 
-def session_options(custom_ops: bool = False) -> ort.SessionOptions:
-    """SessionOptions for our graphs; with ``custom_ops`` the custom-domain kernels are available."""
-    so = ort.SessionOptions()
-    if custom_ops:
-        from onnxruntime_extensions import get_library_path
+def register_custom_ops(so: ort.SessionOptions) -> None:
+    """Make the custom-domain kernels available to sessions built with ``so``."""
+    from onnxruntime_extensions import get_library_path
 
-        register_kernels()
-        so.register_custom_ops_library(get_library_path())
-    return so
+    register_kernels()
+    so.register_custom_ops_library(get_library_path())

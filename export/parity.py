@@ -1,19 +1,20 @@
-"""The parity gate: torch reference vs an exported graph on real test images.
+"""The parity gate: the torch reference vs the deployed graphs, on real test images.
 
-Runs at every batch size and input side the spec lists (a second side catches sizes frozen into
-the graph at export), and compares every output, not only the logits.
+Runs at every batch size and input side the spec lists (a second side catches sizes frozen into the graph
+at export) and compares every output through the one comparator: max abs error within the spec's fp32
+tolerance and each output kind's agreement rule exact. A multi-graph deployable is compared as composed
+(its graphs chained as Triton chains them) against the whole torch model.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
-from export.runtime import ort_session, run
-from training.data import test_images
+from export.compare import Tolerance, compare, merge
+from export.runners import ComposedRunner, OnnxRuntimeRunner, Runner, TorchRunner
+from training.feeds import sample_feeds
 from training.registry import ModelSpec
 
 
@@ -24,9 +25,9 @@ class ParityError(AssertionError):
 @dataclass
 class ParityResult:
     model: str
-    path: str
+    paths: list[str]
     max_abs: dict[str, float] = field(default_factory=dict)  # per output, over every case
-    top1_agreement: float = 1.0
+    agreement: dict[str, float] = field(default_factory=dict)  # per output with an agreement rule, mean
     cases: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -34,51 +35,43 @@ class ParityResult:
     def worst(self) -> float:
         return max(self.max_abs.values(), default=0.0)
 
+    @property
+    def min_agreement(self) -> float | None:
+        return min(self.agreement.values(), default=None)
+
     def as_dict(self) -> dict:
         return asdict(self) | {"worst_max_abs": self.worst, "passed": not self.failures}
 
 
-def compare(spec: ModelSpec, ref: list[np.ndarray], got: list[np.ndarray], tol: float | None = None
-            ) -> tuple[dict, float, list]:
-    """Per-output max abs error, top-1 agreement on the logits output, and failure messages.
-
-    ``tol`` applies to every output; None: the spec's fp32 tolerance."""
-    errors, failures = {}, []
-    for name, r, g in zip(spec.output_names, ref, got, strict=True):
-        if r.shape != g.shape:
-            failures.append(f"output {name!r}: shape {g.shape} != torch {r.shape}")
-            continue
-        err = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) if r.size else 0.0
-        errors[name] = err
-        limit = spec.checks.fp32_max_abs if tol is None else tol
-        if not np.isfinite(err) or err > limit:
-            failures.append(f"output {name!r}: max abs error {err:.3g} > {limit:g}")
-    k = spec.output_names.index(spec.logits_output())
-    agree = float(np.mean(ref[k].argmax(-1) == got[k].argmax(-1)))
-    if agree < 1.0:
-        failures.append(f"top-1 agreement {agree:.4f} < 1")
-    return errors, agree, failures
+def deployed_runner(spec: ModelSpec, graph_paths: dict[str, Path], **session_kw: Any) -> Runner:
+    """onnxruntime on the deployed graphs, composed as the spec composes them (one graph: that graph)."""
+    runners = {g: OnnxRuntimeRunner(p, **session_kw) for g, p in graph_paths.items()}
+    if spec.composition is None:
+        return next(iter(runners.values()))
+    return ComposedRunner(spec.composition, runners, spec.output_names, name=f"onnxruntime {spec.composition.kind}")
 
 
-def check_parity(spec: ModelSpec, model: torch.nn.Module, onnx_path: Path, custom_ops: bool = False,
-                 tol: float | None = None, raise_on_fail: bool = True) -> ParityResult:
-    session = ort_session(onnx_path, custom_ops=custom_ops)
-    result = ParityResult(spec.name, str(onnx_path))
-    agreements = []
+def check_parity(spec: ModelSpec, model: Any, graph_paths: dict[str, Path] | Path, custom_ops: bool = False,
+                 tol: Tolerance | None = None, raise_on_fail: bool = True) -> ParityResult:
+    """``graph_paths``: graph name -> ONNX file (a single path for a one-graph model)."""
+    if not isinstance(graph_paths, dict):
+        graph_paths = {spec.deploy_graphs()[0].name: Path(graph_paths)}
+    tol = tol or Tolerance(spec.checks.fp32_max_abs, 1.0)
+    reference = TorchRunner.for_spec(spec, model)
+    runner = deployed_runner(spec, graph_paths, custom_ops=custom_ops)
+    result = ParityResult(spec.name, [str(p) for p in graph_paths.values()])
+    comparisons = []
     for side in spec.checks.parity_sides:
-        images, _ = test_images(max(spec.checks.parity_batches), canvas=side)
+        feeds = sample_feeds(spec, max(spec.checks.parity_batches), side)
         for b in spec.checks.parity_batches:
-            x = images[:b]
-            with torch.no_grad():
-                ref = [t.numpy() for t in model.eval()(torch.from_numpy(x))]
-            got = run(session, x)
-            errors, agree, failures = compare(spec, ref, got, tol)
-            agreements.append(agree)
-            result.cases.append({"batch": b, "side": side, "max_abs": errors, "top1_agreement": agree})
-            for name, e in errors.items():
-                result.max_abs[name] = max(result.max_abs.get(name, 0.0), e)
-            result.failures += [f"{spec.name} at batch {b}, {side}x{side}: {f}" for f in failures]
-    result.top1_agreement = float(np.mean(agreements))
+            x = {k: v[:b] for k, v in feeds.items()}
+            c = compare(reference.infer(x), runner.infer(x), spec.outputs, tol,
+                        where=f"{spec.name} at batch {b}, {side}x{side}")
+            comparisons.append(c)
+            result.cases.append({"batch": b, "side": side, "max_abs": c.max_abs(), "agreement": c.agreements()})
+            result.failures += c.failures
+    summary = merge(comparisons)
+    result.max_abs, result.agreement = summary["max_abs"], summary["agreement"]
     if raise_on_fail and result.failures:
-        raise ParityError(f"parity gate failed for {onnx_path}: " + "; ".join(result.failures[:3]))
+        raise ParityError(f"parity gate failed for {', '.join(result.paths)}: " + "; ".join(result.failures[:3]))
     return result

@@ -1,13 +1,16 @@
-"""Trained weights in artifacts/: the torch reference every later stage compares against."""
+"""Shipped trained weights (``training/weights/``): the torch reference every later stage compares against.
+
+Per model: ``<name>.pt`` (the state dict) and ``<name>.json`` (test metrics, the weights fingerprint, the
+host that trained them and the checksum of the ``.pt``). Both are tracked, so a fresh clone exports and
+serves without training; ``ensure_trained`` retrains only a model whose fingerprint no longer matches.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from training import paths
 from training.registry import get_spec
@@ -18,30 +21,45 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 def checkpoint_path(name: str) -> Path:
-    return paths.ARTIFACTS_DIR / f"{name}.pt"
+    return paths.WEIGHTS_DIR / f"{name}.pt"
 
 
-def metrics_path(name: str) -> Path:
-    return paths.ARTIFACTS_DIR / f"{name}.metrics.json"
+def record_path(name: str) -> Path:
+    return paths.WEIGHTS_DIR / f"{name}.json"
 
 
-def save_checkpoint(name: str, model: nn.Module, metrics: dict[str, Any]) -> Path:
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_checkpoint(name: str, model: Any, record: dict[str, Any]) -> Path:
+    """Write the weights and their record; the record gets the weights' checksum."""
+    import torch
+
     path = checkpoint_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": name, "state_dict": model.state_dict(), "metrics": metrics}, tmp)
+    torch.save(model.state_dict(), tmp)
     tmp.replace(path)  # atomic: an interrupted run never leaves a half-written checkpoint
-    metrics_path(name).write_text(json.dumps(metrics, indent=2) + "\n")
+    record = {"model": name, **record, "sha256": file_sha256(path)}
+    record_path(name).write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 
-def load_metrics(name: str) -> dict[str, Any]:
-    p = metrics_path(name)
+def load_record(name: str) -> dict[str, Any]:
+    """The shipped record ({} when there is none): ``metrics``, ``fingerprint``, ``host``, ``sha256``."""
+    p = record_path(name)
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def load_trained(name: str) -> nn.Module:
+def load_metrics(name: str) -> dict[str, Any]:
+    return load_record(name).get("metrics", {})
+
+
+def load_trained(name: str) -> Any:
     """The trained model in eval mode; raises a one-line error if it was never trained."""
+    import torch
+
     spec = get_spec(name)
     path = checkpoint_path(name)
     if not path.exists():
@@ -51,7 +69,7 @@ def load_trained(name: str) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = spec.builder()
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state)
     except Exception as e:  # corrupt or stale file: name it, do not dump a pickle traceback
         raise MissingCheckpointError(f"checkpoint {path} for model {name!r} cannot be loaded: {e}") from e
     return model.eval()

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Tracked: the shipped trained weights, their metrics and fingerprints (what `make export` reuses).
+WEIGHTS_DIR = Path(os.environ.get("ATTNZOO_WEIGHTS", REPO_ROOT / "training" / "weights"))
+# Untracked build outputs: custom-op graphs, FP16 graphs, engines.
 ARTIFACTS_DIR = Path(os.environ.get("ATTNZOO_ARTIFACTS", REPO_ROOT / "artifacts"))
 REPOSITORY_DIR = Path(os.environ.get("ATTNZOO_REPOSITORY", REPO_ROOT / "model_repository"))
 REPORTS_DIR = Path(os.environ.get("ATTNZOO_REPORTS", REPO_ROOT / "reports"))

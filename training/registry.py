@@ -1,37 +1,110 @@
 """Model specs and the registry (timm's ``@register_model`` habit).
 
-One frozen ``ModelSpec`` per servable model drives every stage: training reads ``train``,
-export reads ``export``, the repository generator reads ``inputs``/``outputs``/``serving``, and
-the tests read ``checks``. Nothing downstream branches on a model's name.
+One frozen ``ModelSpec`` per servable model drives every stage: training reads ``task`` and ``train``,
+export reads ``inputs``/``outputs``/``graphs`` and ``export``, the repository generator reads the tensors,
+``composition`` and ``serving``, and the gates read ``checks``. Nothing downstream branches on a model's
+name or an output's name: every stage loops over the named tensors and graphs the spec declares.
+
+torch is not imported here: the client and the repository generator read specs without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import torch
-from torch import nn
+from training.tasks import Classification, Task
 
-# A loss gets the model's output tuple and the batch dict, and returns (loss, metrics for the log).
-LossFn = Callable[[tuple[torch.Tensor, ...], dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-# Extra test-split metrics from all outputs (numpy, concatenated over the split) and the split's arrays.
-MetricsFn = Callable[[tuple[np.ndarray, ...], dict[str, np.ndarray]], dict[str, float]]
-# A model's own bars beyond min_accuracy: returns the failed ones as messages (empty list = all met).
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+# A loss gets the model's outputs by name and the batch dict, and returns (loss, metrics for the log).
+LossFn = Callable[[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]], tuple["torch.Tensor", dict[str, float]]]
+# Extra test-split metrics from all outputs by name (numpy, concatenated over the split) and the split's arrays.
+MetricsFn = Callable[[dict[str, "np.ndarray"], dict[str, "np.ndarray"]], dict[str, float]]
+# A model's own bars beyond its task's: returns the failed ones as messages (empty list = all met).
 BarsFn = Callable[[dict[str, float]], list[str]]
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output. ``shape`` is per sample; -1 marks a dynamic axis."""
+class Dim:
+    """A dynamic axis: its name in every graph and its (min, opt, max) range, used alike for TensorRT's
+    optimization profile, the server's input bounds and the front door's checks."""
 
     name: str
-    shape: tuple[int, ...]
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"dim {self.name!r}: need 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output. ``axes`` is per sample (the batch axis is implicit): an int, or a ``Dim``."""
+
+    name: str
+    axes: tuple[int | Dim, ...]
     dtype: str = "float32"  # numpy dtype name
-    kind: str = "tensor"  # logits | scale_logits | boxes | image | tensor: how clients present it
+    kind: str = "tensor"  # an output kind (training.tasks): how it is compared and shown
     description: str = ""
+    data: str | None = None  # the data split's array that feeds this input (None: generated)
+    value_range: tuple[float, float] = (0.0, 1.0)  # of generated or checked values
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-sample shape with -1 for every dynamic axis (Triton's ``dims``)."""
+        return tuple(-1 if isinstance(a, Dim) else a for a in self.axes)
+
+    @property
+    def dynamic(self) -> dict[int, Dim]:
+        """Per-sample axis index -> its Dim."""
+        return {i: a for i, a in enumerate(self.axes) if isinstance(a, Dim)}
+
+    def concrete(self, sizes: dict[str, int] | int | None = None) -> tuple[int, ...]:
+        """Per-sample shape with each Dim set from ``sizes`` (by name; an int sets every Dim; default opt)."""
+        def size(d: Dim) -> int:
+            if isinstance(sizes, int):
+                return sizes
+            return (sizes or {}).get(d.name, d.opt)
+
+        return tuple(size(a) if isinstance(a, Dim) else a for a in self.axes)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported ONNX graph of a deployable. ``module`` picks what to export from the trained model
+    (None: the whole model); its forward takes ``inputs`` in order and returns ``outputs`` in order."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    module: Callable[[nn.Module], nn.Module] | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a composition: run ``graph``, feeding its inputs from pipeline tensors and naming its
+    outputs as pipeline tensors (Triton ensemble's ``input_map``/``output_map``: graph name -> pipeline name)."""
+
+    graph: str
+    input_map: dict[str, str]
+    output_map: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Composition:
+    """How Triton composes a multi-graph deployable: ``ensemble`` (a fixed chain, Triton's scheduler) or
+    ``bls`` (a python model calling the graphs: where a step depends on data). The pipeline's inputs and
+    outputs are the spec's own."""
+
+    kind: Literal["ensemble", "bls"]
+    steps: tuple[Step, ...]
 
 
 @dataclass(frozen=True)
@@ -46,29 +119,26 @@ class TrainRecipe:
     test_size: int = 2_000
     canvas: int = 64
     seed: int = 0
-    loss: LossFn | None = None  # None: cross-entropy on the "logits" output
-    metrics: MetricsFn | None = None  # None: accuracy only
+    loss: LossFn | None = None  # None: the task's loss
+    metrics: MetricsFn | None = None  # extra metrics beside the task's
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = 18  # 17/18 keep TensorRT's GridSample bilinear; 20 does not
-    dynamic_spatial: bool = True  # H and W are dynamic axes as well as the batch
     # Ops (ONNX op types) kept in fp32 in the FP16 graph, chosen by measurement.
     fp16_keep_fp32_ops: tuple[str, ...] = ()
-    # TensorRT optimization profile: batch (min, opt, max) and spatial side (min, opt, max).
+    # TensorRT optimization profile of the batch axis (min, opt, max); other axes: each input's Dims.
     profile_batch: tuple[int, int, int] = (1, 8, 64)
-    profile_side: tuple[int, int, int] = (48, 64, 96)
 
 
 @dataclass(frozen=True)
 class Checks:
     fp32_max_abs: float = 1e-4  # torch vs onnxruntime, every output
     trt_fp32_max_abs: float = 1e-3
-    fp16_min_top1_agreement: float = 0.995
-    min_accuracy: float = 0.95  # on the test split, checked after training
+    fp16_min_agreement: float = 0.995  # the output kinds' agreement rule (top-1, per-pixel argmax)
     parity_batches: tuple[int, ...] = (1, 8, 64)
-    parity_sides: tuple[int, ...] = (64, 80)  # second input size catches shapes frozen at export
+    parity_sides: tuple[int, ...] = (64, 80)  # every Dim set to this: a second size catches shapes frozen at export
     bars: BarsFn | None = None
 
 
@@ -89,23 +159,43 @@ class ModelSpec:
     description: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    task: Task = field(default_factory=Classification)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     export: ExportOptions = field(default_factory=ExportOptions)
     checks: Checks = field(default_factory=Checks)
     serving: ServingOptions = field(default_factory=ServingOptions)
+    # Empty: one graph, the whole model, with the spec's inputs/outputs. Otherwise the graphs and how
+    # Triton composes them (the pipeline's inputs and outputs are still the spec's).
+    graphs: tuple[GraphSpec, ...] = ()
+    composition: Composition | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if len(self.graphs) > 1 and self.composition is None:
+            raise ValueError(f"model {self.name!r}: several graphs need a composition (ensemble or bls)")
+        if self.composition is not None and not self.graphs:
+            raise ValueError(f"model {self.name!r}: a composition needs the graphs it composes")
+        if self.composition is not None:
+            names = {g.name for g in self.graphs}
+            unknown = [s.graph for s in self.composition.steps if s.graph not in names]
+            if unknown:
+                raise ValueError(f"model {self.name!r}: composition steps name unknown graphs {unknown}")
+
     @property
-    def input(self) -> TensorSpec:
-        return self.inputs[0]
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
 
-    def logits_output(self) -> str:
-        """The output whose argmax is the prediction (top-1 parity uses it)."""
-        return next(o.name for o in self.outputs if o.kind == "logits")
+    def deploy_graphs(self) -> tuple[GraphSpec, ...]:
+        """Every graph to export: the declared ones, or the whole model as one graph named like the model."""
+        return self.graphs or (GraphSpec(self.name, self.inputs, self.outputs),)
+
+    def graph_model_name(self, graph: GraphSpec) -> str:
+        """The Triton model (and repository folder) that serves ``graph``."""
+        return self.name if graph.name == self.name else f"{self.name}_{graph.name}"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -124,7 +214,7 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def _ensure_models_imported() -> None:
-    # Importing the package runs every family file's register_model calls.
+    # Importing the package runs every family file's register_model calls (and imports torch).
     import training.models  # noqa: F401
 
 
@@ -138,18 +228,30 @@ def get_spec(name: str) -> ModelSpec:
         ) from None
 
 
+def resolve_names(names: list[str] | tuple[str, ...]) -> list[str]:
+    """CLI model arguments -> registered names: ``all`` (or nothing) means every model; an unknown name raises
+    ``UnknownModelError`` naming the known ones."""
+    if not names or list(names) == ["all"]:
+        return list_models()
+    return [get_spec(n).name for n in names]
+
+
 def list_models(family: str | None = None) -> list[str]:
     _ensure_models_imported()
     return sorted(n for n, s in _REGISTRY.items() if family is None or s.family == family)
 
 
-def create_model(name: str) -> nn.Module:
-    return get_spec(name).builder()
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """timm's ``create_model``: the spec's builder, with overrides such as ``in_chans``/``num_classes``."""
+    return get_spec(name).builder(**kwargs)
 
 
-def image_input(side: int = -1, name: str = "image") -> TensorSpec:
-    """The grayscale image input every model here takes: [1, H, W] float32 in [0, 1]."""
-    return TensorSpec(name, (1, side, side), "float32", "image", "grayscale image in [0, 1]")
+SIDE = Dim("height", 48, 64, 96), Dim("width", 48, 64, 96)
+
+
+def image_input(name: str = "image", channels: int = 1) -> TensorSpec:
+    """The image input every model here takes: [C, H, W] float32 in [0, 1], H and W dynamic within 48-96 px."""
+    return TensorSpec(name, (channels, *SIDE), "float32", "image", "image in [0, 1]", data="image")
 
 
 def class_logits(name: str = "logits", num_classes: int = 10) -> TensorSpec:

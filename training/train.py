@@ -1,26 +1,19 @@
-"""The one training loop every model uses; model-specific parts come from the spec's recipe."""
+"""The one training loop every model uses; model-specific parts come from the spec's task and recipe."""
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import hashlib
-import inspect
-import json
 import math
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.checkpoints import checkpoint_path, load_metrics, save_checkpoint
+from training.checkpoints import checkpoint_path, load_record, save_checkpoint
 from training.data import make_split
-from training.models.common import accuracy, classification_loss
-from training.registry import ModelSpec, TrainRecipe, get_spec
+from training.fingerprint import host_fingerprint, weights_fingerprint
+from training.registry import ModelSpec, get_spec
 
 
 def _batches(data: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator):
@@ -32,64 +25,52 @@ def _batches(data: dict[str, np.ndarray], batch_size: int, rng: np.random.Genera
             yield {k: torch.from_numpy(v[idx]) for k, v in data.items()}
 
 
+def forward(spec: ModelSpec, model: torch.nn.Module, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Run ``model`` on named inputs and name its outputs: the spec's order is the model's argument order."""
+    outs = model(*(feeds[t.name] for t in spec.inputs))
+    return dict(zip(spec.output_names, outs, strict=True))
+
+
+def data_feeds(spec: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
+    """The model's named inputs from a data split's arrays (each input names its array in ``data``)."""
+    missing = [t.name for t in spec.inputs if t.data is None or t.data not in data]
+    if missing:
+        raise ValueError(f"model {spec.name!r}: inputs {missing} have no array in the data ({sorted(data)})")
+    return {t.name: data[t.data] for t in spec.inputs}
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, ...]:
-    """All outputs of ``model`` over ``images``, concatenated (numpy)."""
+def predict(spec: ModelSpec, model: torch.nn.Module, data: dict[str, np.ndarray],
+            batch_size: int = 256) -> dict[str, np.ndarray]:
+    """All named outputs of ``model`` over a data split, concatenated (numpy)."""
     model.eval()
-    chunks = [model(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return tuple(np.concatenate([c[k].numpy() for c in chunks]) for k in range(len(chunks[0])))
+    feeds = data_feeds(spec, data)
+    n = len(next(iter(feeds.values())))
+    chunks = [forward(spec, model, {k: torch.from_numpy(v[i : i + batch_size]) for k, v in feeds.items()})
+              for i in range(0, n, batch_size)]
+    return {k: np.concatenate([c[k].numpy() for c in chunks]) for k in spec.output_names}
 
 
 def evaluate(spec: ModelSpec, model: torch.nn.Module, test: dict[str, np.ndarray]) -> dict[str, float]:
-    outputs = predict(model, test["image"])
-    logits = outputs[spec.output_names.index(spec.logits_output())]
-    metrics = {"accuracy": accuracy(logits, test["label"])}
+    outputs = predict(spec, model, test)
+    metrics = spec.task.metrics(outputs, test)
     if spec.train.metrics is not None:
         metrics.update(spec.train.metrics(outputs, test))
     return metrics
 
 
 def bar_failures(spec: ModelSpec, metrics: dict[str, float]) -> list[str]:
-    failures = []
-    if metrics["accuracy"] < spec.checks.min_accuracy:
-        failures.append(f"test accuracy {metrics['accuracy']:.4f} < {spec.checks.min_accuracy}")
+    failures = spec.task.bars(metrics)
     if spec.checks.bars is not None:
         failures += spec.checks.bars(metrics)
     return failures
 
 
-def model_modules(builder: Callable | None) -> list[str]:
-    """The modules a model's weights depend on: the one defining ``builder`` plus every model or op module
-    (``training.models.*``, ``training.ops.*``) it imports from, e.g. racnn -> racnn, common, ops.crop_zoom.
-
-    Read from the import statements: an imported custom op (a ``CustomOpDef``) does not name its module."""
-    if builder is None:
-        return []
-    home = inspect.getmodule(builder)
-    used, packages = set(), ("training.models", "training.ops")
-    for node in ast.walk(ast.parse(inspect.getsource(home))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(packages):
-            # `from training.ops import crop_zoom` names the submodule training.ops.crop_zoom when there is one
-            used |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in sys.modules else node.module
-                     for a in node.names}
-    return [home.__name__, *sorted(used - {home.__name__})]
-
-
-def recipe_fingerprint(recipe: TrainRecipe, builder: Callable | None = None) -> str:
-    """What the weights depend on: every recipe value, the loss function's source and the source of the
-    model's modules (its layers and constants, e.g. RA-CNN's input low-pass; see ``model_modules``).
-
-    Stored beside the checkpoint, so that editing a model or its loss (not only its step count) retrains it.
-    """
-    values = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name not in ("loss", "metrics")}
-    loss = inspect.getsource(recipe.loss) if recipe.loss else "classification_loss"
-    model = "".join(inspect.getsource(sys.modules[m]) for m in model_modules(builder))
-    return hashlib.sha256((json.dumps(values, sort_keys=True) + loss + model).encode()).hexdigest()[:16]
-
-
 def train_model(name: str, steps: int | None = None, train_size: int | None = None,
                 test_size: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Train ``name`` with its recipe (overrides are for tests), evaluate, and save the checkpoint."""
+    """Train ``name`` with its recipe (overrides are for tests), evaluate, and save the checkpoint.
+
+    Returns the record saved beside the weights: ``metrics``, ``bar_failures``, ``fingerprint``, ``host``."""
     spec = get_spec(name)
     r = spec.train
     steps = steps or r.steps
@@ -97,7 +78,7 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
     train = make_split("train", train_size or r.train_size, r.canvas, r.seed)
     test = make_split("test", test_size or r.test_size, r.canvas, r.seed)
     model = spec.builder()
-    loss_fn = r.loss or classification_loss
+    loss_fn = r.loss or spec.task.loss
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -109,7 +90,7 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
     bar = tqdm(range(steps), desc=f"train {name}", disable=not progress, leave=False, mininterval=2)
     for step in bar:
         batch = next(batches)
-        loss, log = loss_fn(model(batch["image"]), batch)
+        loss, log = loss_fn(forward(spec, model, data_feeds(spec, batch)), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -118,19 +99,28 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
             bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()})
     train_s = time.perf_counter() - start
     metrics: dict[str, Any] = evaluate(spec, model, test)
-    effective = dataclasses.replace(r, steps=steps, train_size=len(train["label"]), test_size=len(test["label"]))
-    metrics.update(steps=steps, recipe=recipe_fingerprint(effective, spec.builder), train_seconds=round(train_s, 1),
-                   params=sum(p.numel() for p in model.parameters()))
-    metrics["bar_failures"] = bar_failures(spec, metrics)
+    record = {
+        "metrics": metrics,
+        "bar_failures": bar_failures(spec, metrics),
+        "fingerprint": weights_fingerprint(spec, steps, len(train["label"]), len(test["label"])),
+        "steps": steps,
+        "train_seconds": round(train_s, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "host": host_fingerprint(),
+    }
     if save:
-        save_checkpoint(name, model.eval(), metrics)
-    return metrics
+        save_checkpoint(name, model.eval(), record)
+    return record
+
+
+def is_current(name: str) -> bool:
+    """Whether the shipped checkpoint was trained from the current code and recipe."""
+    spec = get_spec(name)
+    return checkpoint_path(name).exists() and load_record(name).get("fingerprint") == weights_fingerprint(spec)
 
 
 def ensure_trained(name: str, progress: bool = True) -> dict[str, Any]:
-    """Train only when the checkpoint is missing or was trained to another recipe (what `make export` calls)."""
-    metrics = load_metrics(name) if checkpoint_path(name).exists() else {}
-    spec = get_spec(name)
-    if metrics.get("recipe") == recipe_fingerprint(spec.train, spec.builder):
-        return metrics
+    """Train only when the checkpoint is missing or stale (what `make export` calls); returns its record."""
+    if is_current(name):
+        return load_record(name)
     return train_model(name, progress=progress)

@@ -1,10 +1,8 @@
-"""Pieces shared by the model families: the small conv backbone and the default classification loss."""
+"""Pieces shared by the model families: the small conv backbone."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,10 +17,11 @@ class SmallCNN(nn.Module):
     axes in the exported graph.
     """
 
-    def __init__(self, num_classes: int = 10, mid: nn.Module | None = None, widths=(16, 32, 64)) -> None:
+    def __init__(self, num_classes: int = 10, mid: nn.Module | None = None, widths=(16, 32, 64),
+                 in_chans: int = 1) -> None:
         super().__init__()
         c1, c2, c3 = widths
-        self.stem = nn.Sequential(conv_bn_relu(1, c1), nn.MaxPool2d(2), conv_bn_relu(c1, c2), nn.MaxPool2d(2))
+        self.stem = nn.Sequential(conv_bn_relu(in_chans, c1), nn.MaxPool2d(2), conv_bn_relu(c1, c2), nn.MaxPool2d(2))
         self.mid = mid if mid is not None else nn.Identity()
         self.head = nn.Sequential(conv_bn_relu(c2, c3), nn.MaxPool2d(2), conv_bn_relu(c3, c3))
         self.fc = nn.Linear(c3, num_classes)
@@ -33,14 +32,3 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.fc(self.features(x).mean(dim=(2, 3))),)
-
-
-def classification_loss(outputs: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor]):
-    """Cross-entropy on the first output (the class logits)."""
-    logits = outputs[0]
-    loss = F.cross_entropy(logits, batch["label"])
-    return loss, {"loss": loss.item(), "acc": float((logits.argmax(1) == batch["label"]).float().mean())}
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(-1) == labels).mean())

@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models.common import SmallCNN, accuracy
+from training.models.common import SmallCNN
 from training.registry import (
-    Checks,
     ExportOptions,
     ModelSpec,
     TrainRecipe,
@@ -31,6 +30,7 @@ from training.registry import (
     image_input,
     register_model,
 )
+from training.tasks import Classification
 
 MODES = ("gaussian", "embedded", "dot", "concat")
 
@@ -81,16 +81,12 @@ class NonLocalBlock(nn.Module):
         return x + self.W(y)
 
 
-def nonlocal_cnn(mode: str) -> SmallCNN:
-    return SmallCNN(mid=NonLocalBlock(32, mode))
-
-
-def _metrics(outputs, data) -> dict[str, float]:
-    return {"accuracy": accuracy(outputs[0], data["label"])}
+def nonlocal_cnn(mode: str, num_classes: int = 10, in_chans: int = 1) -> SmallCNN:
+    return SmallCNN(num_classes, mid=NonLocalBlock(32, mode), in_chans=in_chans)
 
 
 _OUTPUTS = (class_logits(),)
-_RECIPE = TrainRecipe(steps=1500, batch_size=64, lr=3e-3, metrics=_metrics)
+_RECIPE = TrainRecipe(steps=1500, batch_size=64, lr=3e-3)
 
 register_model(ModelSpec(
     name="cnn",
@@ -99,18 +95,19 @@ register_model(ModelSpec(
     description="plain small CNN of the same size: the baseline the attention models are compared with",
     inputs=(image_input(),),
     outputs=_OUTPUTS,
+    task=Classification(min_accuracy=0.93),
     train=_RECIPE,
-    checks=Checks(min_accuracy=0.93),
 ))
 
 for _mode in MODES:
     register_model(ModelSpec(
         name=f"nonlocal_{_mode}",
         family="nonlocal",
-        builder=lambda m=_mode: nonlocal_cnn(m),
+        builder=lambda m=_mode, **kw: nonlocal_cnn(m, **kw),
         description=f"small CNN with a {_mode} non-local block at 1/4 resolution",
         inputs=(image_input(),),
         outputs=_OUTPUTS,
+        task=Classification(min_accuracy=0.95),
         train=_RECIPE,
         export=ExportOptions(
             # The gaussian's logits x_i . x_j have no learned scale. Measured (`python -m export.fp16
@@ -118,5 +115,4 @@ for _mode in MODES:
             # 1.0 with or without this list; kept as cheap insurance against inputs outside the data.
             fp16_keep_fp32_ops=("MatMul", "Softmax") if _mode == "gaussian" else (),
         ),
-        checks=Checks(min_accuracy=0.95),
     ))

@@ -1,0 +1,100 @@
+"""What trained weights depend on, as a short hash: recipe values, the loss and the model's code.
+
+Code is hashed as its syntax tree with docstrings removed (``ast.dump`` keeps no line numbers and no
+comments), so editing a comment or a docstring retrains nothing while editing a layer retrains the models
+built from it. The host fingerprint records where weights were trained: training is bit-reproducible on
+one CPU model with the same libraries, not across them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import platform
+import sys
+import textwrap
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+from training.registry import ModelSpec
+
+MODEL_PACKAGES = ("training.models", "training.ops")
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_digest(source: str) -> str:
+    """The source's syntax tree without docstrings, as text: equal for code that differs only in comments,
+    docstrings or layout."""
+    return ast.dump(_strip_docstrings(ast.parse(textwrap.dedent(source))))
+
+
+def model_modules(builder: Callable | None) -> list[str]:
+    """The modules a model's weights depend on: the one defining ``builder`` plus every model or op module
+    (``training.models.*``, ``training.ops.*``) it imports from, e.g. racnn -> racnn, common, ops.crop_zoom.
+
+    Read from the import statements: an imported custom op (a ``CustomOpDef``) does not name its module."""
+    if builder is None:
+        return []
+    home = inspect.getmodule(builder)
+    used = set()
+    for node in ast.walk(ast.parse(inspect.getsource(home))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(MODEL_PACKAGES):
+            # `from training.ops import crop_zoom` names the submodule training.ops.crop_zoom when there is one
+            used |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in sys.modules else node.module
+                     for a in node.names}
+    return [home.__name__, *sorted(used - {home.__name__})]
+
+
+def _loss_source(spec: ModelSpec) -> str:
+    loss = spec.train.loss or type(spec.task).loss
+    return inspect.getsource(loss)
+
+
+def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: int | None = None,
+                        test_size: int | None = None) -> str:
+    """Hash of everything the trained weights depend on (see the module docstring)."""
+    r = dataclasses.replace(spec.train, **{k: v for k, v in
+                                            {"steps": steps, "train_size": train_size, "test_size": test_size}.items()
+                                            if v is not None})
+    values = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("loss", "metrics")}
+    # The task's own training settings (e.g. label smoothing), not its bars.
+    task = {f.name: getattr(spec.task, f.name) for f in dataclasses.fields(spec.task) if not f.name.startswith("min_")}
+    parts = [json.dumps(values, sort_keys=True), json.dumps(task, sort_keys=True, default=str),
+             type(spec.task).__name__, code_digest(_loss_source(spec))]
+    parts += [code_digest(inspect.getsource(sys.modules[m])) for m in model_modules(spec.builder)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_fingerprint() -> dict[str, Any]:
+    """The CPU model and library versions that make training bit-reproducible when they are equal."""
+    libs = {}
+    for pkg in ("torch", "numpy", "scikit-learn", "pillow"):
+        try:
+            libs[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            libs[pkg] = None
+    return {"cpu": _cpu_model(), "machine": platform.machine(), "python": platform.python_version(), **libs}
