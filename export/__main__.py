@@ -1,4 +1,4 @@
-"""python -m export <model|all>: train what is missing, export, check, gate on parity, fill the repository.
+"""python -m export <model|all>: train what is stale, export, check, gate on parity, fill the repository.
 
 One line per model in a summary table at the end; a non-zero exit names the model and what failed.
 """
@@ -12,7 +12,7 @@ import time
 
 from export.pipeline import ExportSummary, export_model, print_summary
 from training import paths
-from training.registry import UnknownModelError, get_spec, list_models
+from training.registry import UnknownModelError, resolve_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,13 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--custom-ops", action="store_true",
                    help="keep custom ops as custom-domain nodes (needs runtime kernels/plugins)")
     p.add_argument("--no-slim", action="store_true", help="skip onnxslim graph simplification")
-    p.add_argument("--no-train", action="store_true", help="fail instead of training missing checkpoints")
+    p.add_argument("--no-train", action="store_true", help="fail instead of training missing or stale checkpoints")
     p.add_argument("--skip-tensorrt", action="store_true", help="skip the TensorRT parse check")
     p.add_argument("--skip-fp16", action="store_true", help="skip the FP16 graph and its agreement gate")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
     try:
-        names = list_models() if a.models == ["all"] else [get_spec(n).name for n in a.models]
+        names = resolve_names(a.models)
     except UnknownModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,16 @@
 """python -m export.engines <model|all>: parse every exported graph and build what TensorRT can build here.
 
-For each model with an exported graph (``model_repository/<model>/1/model.onnx``):
+For each graph of each model (``spec.deploy_graphs()``; Triton model ``spec.graph_model_name(graph)``, its
+FP32 graph at ``model_repository/<triton model>/1/model.onnx``):
 1. parse the FP32 graph and its FP16 graph (made with ``spec.export.fp16_keep_fp32_ops``);
-2. build FP32 and FP16 engines.
+2. build FP32 and FP16 engines, with a profile from the graph's named inputs.
 
 Where they go depends on what this host is:
 - full TensorRT on a CUDA GPU: engines for this GPU. The ``--deploy`` precision (default fp16) goes to
-  ``model_repository/<model>/1/model.plan`` (what Triton's TensorRT backend loads; the GPU-target
-  config is ``platform: "tensorrt_plan"``), every variant also to ``artifacts/engines/<model>/``;
+  ``model_repository/<triton model>/1/model.plan`` (what Triton's TensorRT backend loads; the GPU-target
+  config is ``platform: "tensorrt_plan"``), every variant also to ``artifacts/engines/<triton model>/``;
 - TensorRT-RTX without a GPU (CI, dev boxes): ahead-of-time builds for ``--archs`` into
-  ``artifacts/engines/<model>/`` only. They prove the graphs build; they are not deployable H100
+  ``artifacts/engines/<triton model>/`` only. They prove the graphs build; they are not deployable H100
   engines (RTX cannot target SM90, and Triton's TensorRT backend does not load RTX engines).
 
 It says plainly what it skipped and why, and writes ``reports/engines.{json,md}``.
@@ -32,20 +33,23 @@ from export.tensorrt import (
     EngineInfo,
     TensorRTParseError,
     TensorRTUnavailableError,
-    aot_engine_dir,
     build_engine,
     device_compute_capability,
     import_trt,
     metadata_path,
     parse_onnx,
-    repository_plan_path,
 )
+from training import layout
 from training.paths import REPORTS_DIR
 
 
 @dataclass
 class ModelEngines:
-    model: str
+    """The engines of one graph (one Triton model) of a spec."""
+
+    model: str  # the Triton model: spec.graph_model_name(graph)
+    spec: str = ""
+    graph: str = ""
     parsed: dict[str, str] = field(default_factory=dict)  # precision -> "ok (N layers, T ms)" or error
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> EngineInfo dict
     deployed: str | None = None
@@ -53,52 +57,45 @@ class ModelEngines:
     errors: list[str] = field(default_factory=list)
 
 
-def _fp16_graph(spec: Any, fp32: Path) -> Path:
-    from export.fp16 import convert_to_fp16, fp16_graph_path
-
-    # Always made afresh (a fraction of a second): the spec's keep-list may have changed since export.
-    return convert_to_fp16(fp32, fp16_graph_path(spec.name), tuple(spec.export.fp16_keep_fp32_ops))
-
-
-def build_model_engines(
-    name: str,
+def build_graph_engines(
+    spec: Any,
+    graph: Any,
     archs: tuple[str, ...] | None,
     precisions: tuple[str, ...] = PRECISIONS,
     deploy: str | None = "fp16",
     out_root: Path | None = None,
 ) -> ModelEngines:
-    from export.fp16 import fp32_graph_path
-    from training import get_spec
+    from export.fp16 import convert_to_fp16
 
-    spec = get_spec(name)
-    result = ModelEngines(name)
-    fp32 = fp32_graph_path(name)
+    name = spec.graph_model_name(graph)
+    result = ModelEngines(name, spec.name, graph.name)
+    fp32 = layout.onnx_path(name)
     if not fp32.is_file():
         result.skipped.append(f"no exported graph at {fp32} (run `make export`)")
         return result
     graphs = {"fp32": fp32}
     if "fp16" in precisions:
-        try:
-            graphs["fp16"] = _fp16_graph(spec, fp32)
+        try:  # always made afresh (a fraction of a second): the spec's keep-list may have changed since export
+            graphs["fp16"] = convert_to_fp16(fp32, layout.fp16_onnx_path(name), tuple(spec.export.fp16_keep_fp32_ops))
         except Exception as exc:
             result.errors.append(f"fp16 graph: {exc}")
-    for precision, graph in graphs.items():
+    for precision, path in graphs.items():
         try:
-            r = parse_onnx(graph)
+            r = parse_onnx(path)
             result.parsed[precision] = f"ok ({r.num_layers} layers, {r.seconds * 1e3:.0f} ms)"
         except TensorRTParseError as exc:
             result.parsed[precision] = "FAILED"
             result.errors.append(str(exc))
     _, flavour = import_trt()
     device_cc = device_compute_capability()
-    out_dir = aot_engine_dir(name, out_root)
+    out_dir = layout.engine_dir(name, out_root)
     for precision in precisions:
         if not result.parsed.get(precision, "").startswith("ok"):
             result.skipped.append(f"{precision} engine: its graph did not parse")
             continue
-        plan = out_dir / precision / "model.plan"
+        plan = out_dir / precision / layout.PLAN_FILE
         try:
-            info = build_engine(graphs[precision], spec, plan, archs=archs, precision=precision)
+            info = build_engine(graphs[precision], spec, plan, archs=archs, precision=precision, graph=graph)
         except Exception as exc:
             result.errors.append(f"{precision} engine: {exc}")
             continue
@@ -110,14 +107,28 @@ def build_model_engines(
     return result
 
 
+def build_model_engines(
+    name: str,
+    archs: tuple[str, ...] | None,
+    precisions: tuple[str, ...] = PRECISIONS,
+    deploy: str | None = "fp16",
+    out_root: Path | None = None,
+) -> list[ModelEngines]:
+    """One ``ModelEngines`` per graph of model ``name``."""
+    from training.registry import get_spec
+
+    spec = get_spec(name)
+    return [build_graph_engines(spec, g, archs, precisions, deploy, out_root) for g in spec.deploy_graphs()]
+
+
 def _deploy(info: EngineInfo, flavour: str, device_cc: str | None, result: ModelEngines) -> str | None:
     """Copy an engine into the model repository only when Triton's TensorRT backend can load it here."""
+    dest = layout.plan_path(info.model)
     if flavour != "tensorrt" or info.aot or device_cc is None:
         why = "TensorRT-RTX engines are not loadable by Triton's TensorRT backend" if flavour != "tensorrt" \
             else "it was not built on this host's GPU"
-        result.skipped.append(f"model_repository/{info.model}/1/model.plan: not written ({why})")
+        result.skipped.append(f"{dest}: not written ({why})")
         return None
-    dest = repository_plan_path(info.model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(info.plan, dest)
     meta = json.loads(metadata_path(info.plan).read_text()) | {"plan": str(dest)}
@@ -129,7 +140,7 @@ def write_report(results: list[ModelEngines], header: dict[str, Any], reports_di
     out = Path(reports_dir or REPORTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engines.json").write_text(
-        json.dumps({"host": header, "models": [r.__dict__ for r in results]}, indent=2, default=str) + "\n"
+        json.dumps({"host": header, "models": [asdict(r) for r in results]}, indent=2, default=str) + "\n"
     )
     lines = [
         "# TensorRT engines",
@@ -157,8 +168,7 @@ def write_report(results: list[ModelEngines], header: dict[str, Any], reports_di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training import list_models
-    from training.registry import UnknownModelError, get_spec
+    from training.registry import UnknownModelError, resolve_names
 
     p = argparse.ArgumentParser(prog="python -m export.engines", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
@@ -170,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="engine folder (default artifacts/engines)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
-    try:
-        trt, flavour = import_trt()
-    except TensorRTUnavailableError as exc:
-        print(f"skipped: every engine ({exc})", file=sys.stderr)
-        return 0  # not an error: a host without TensorRT builds no engines, and says so
+    try:  # names first: an unknown model is an error even on a host that can build nothing
+        names = resolve_names(a.models)
+    except UnknownModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     precisions = tuple(x.strip() for x in a.precision.split(",") if x.strip())
     bad = [x for x in precisions if x not in PRECISIONS]
     if bad:
@@ -182,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     archs = tuple(x.strip() for x in a.archs.split(",") if x.strip()) if a.archs else None
     try:
-        names = list_models() if a.models in (["all"], []) else [get_spec(n).name for n in a.models]
-    except UnknownModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        trt, flavour = import_trt()
+    except TensorRTUnavailableError as exc:
+        print(f"skipped: every engine ({exc})", file=sys.stderr)
+        return 0  # not an error: a host without TensorRT builds no engines, and says so
     device_cc = device_compute_capability()
     if flavour == "tensorrt_rtx" and device_cc is None:
         kind = (f"Ahead-of-time TensorRT-RTX builds for {', '.join(archs or DEFAULT_AOT_ARCHS)}: they prove the graphs "
@@ -197,22 +207,24 @@ def main(argv: list[str] | None = None) -> int:
         kind = f"Full TensorRT builds for this GPU (compute capability {device_cc})"
     print(kind)
     header = {"flavour": flavour, "trt_version": trt.__version__, "device_cc": device_cc, "kind": kind}
-    results, start = [], time.perf_counter()
+    results: list[ModelEngines] = []
+    start = time.perf_counter()
     for name in names:
         try:
-            r = build_model_engines(name, archs, precisions, None if a.deploy == "none" else a.deploy, a.out)
+            rs = build_model_engines(name, archs, precisions, None if a.deploy == "none" else a.deploy, a.out)
         except Exception as exc:
             if a.debug:
                 raise
-            r = ModelEngines(name, errors=[f"{type(exc).__name__}: {exc}"])
-        results.append(r)
-        built = ", ".join(f"{k} {v['plan_bytes'] / 1e6:.1f} MB in {v['build_seconds']:.2f} s"
-                          for k, v in r.engines.items()) or "nothing built"
-        print(f"{name}: parsed {r.parsed or '-'}; {built}")
-        for s in r.skipped:
-            print(f"  skipped: {s}")
-        for e in r.errors:
-            print(f"  error: {e}", file=sys.stderr)
+            rs = [ModelEngines(name, name, errors=[f"{type(exc).__name__}: {exc}"])]
+        for r in rs:
+            results.append(r)
+            built = ", ".join(f"{k} {v['plan_bytes'] / 1e6:.1f} MB in {v['build_seconds']:.2f} s"
+                              for k, v in r.engines.items()) or "nothing built"
+            print(f"{r.model}: parsed {r.parsed or '-'}; {built}")
+            for s in r.skipped:
+                print(f"  skipped: {s}")
+            for e in r.errors:
+                print(f"  error: {e}", file=sys.stderr)
     path = write_report(results, header)
     print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
     return 1 if any(r.errors for r in results) else 0

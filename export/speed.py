@@ -15,35 +15,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.pipeline import onnx_path
-from export.runtime import ort_session, run
+from export.parity import deployed_runner
+from export.pipeline import graph_paths
+from export.runners import TorchRunner
 from export.timing import percentiles
 from training import paths
 from training.checkpoints import load_trained
-from training.data import test_images
-from training.registry import get_spec, list_models
+from training.feeds import sample_feeds
+from training.registry import UnknownModelError, get_spec, resolve_names
 
 
 def bench_model(name: str, batch: int = 32, rounds: int = 60, threads: int = 2) -> dict:
     spec = get_spec(name)
-    model = load_trained(name)
-    sess = ort_session(onnx_path(name), threads=threads)
-    x = test_images(batch, canvas=spec.train.canvas)[0]
-    xt = torch.from_numpy(x)
     torch.set_num_threads(threads)
-    times: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
-    with torch.no_grad():
-        for _ in range(5):  # warm-up: allocator, thread pools, lazy init
-            model(xt)
-            run(sess, x)
-        for _ in range(rounds):
+    runners = {"torch": TorchRunner.for_spec(spec, load_trained(name)),
+               "onnxruntime": deployed_runner(spec, graph_paths(spec), threads=threads)}
+    feeds = sample_feeds(spec, batch, spec.train.canvas)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(5):  # warm-up: allocator, thread pools, lazy init
+        for r in runners.values():
+            r.infer(feeds)
+    for _ in range(rounds):  # interleaved: a load spike hits both runtimes alike
+        for key, r in runners.items():
             t0 = time.perf_counter()
-            model(xt)
-            t1 = time.perf_counter()
-            run(sess, x)
-            t2 = time.perf_counter()
-            times["torch"].append((t1 - t0) * 1e3)
-            times["onnxruntime"].append((t2 - t1) * 1e3)
+            r.infer(feeds)
+            times[key].append((time.perf_counter() - t0) * 1e3)
     stats = {k: percentiles(v) for k, v in times.items()}
     return {"model": name, "batch": batch, "threads": threads, **stats,
             "speedup_p50": stats["torch"]["p50"] / stats["onnxruntime"]["p50"]}
@@ -96,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=60)
     a = p.parse_args(argv)
-    names = list_models() if a.models in ([], ["all"]) else a.models
+    try:
+        names = resolve_names(a.models)
+    except UnknownModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = []
     for name in tqdm(names, desc="benchmark"):
         try:

@@ -75,19 +75,10 @@ class Settings:
 
 
 def example_inputs(spec, batch: int = 1) -> dict[str, np.ndarray]:
-    """Real test images for image inputs (at the trained canvas), zeros for anything else."""
-    side = spec.train.canvas
-    out = {}
-    for t in spec.inputs:
-        shape = [batch, *(side if d < 0 else d for d in t.shape)]
-        if t.kind == "image":
-            from training.data import test_images
+    """Real test images for image inputs (at the trained canvas), generated values for anything else."""
+    from training.feeds import sample_feeds
 
-            images, _ = test_images(batch, canvas=side)
-            out[t.name] = np.ascontiguousarray(images.reshape(shape), dtype=t.dtype)
-        else:
-            out[t.name] = np.zeros(shape, t.dtype)
-    return out
+    return sample_feeds(spec, batch, spec.train.canvas)
 
 
 # --------------------------------------------------------------------------------------- in-process
@@ -125,24 +116,14 @@ def measure_callable(fn: Callable[[], Any], concurrency: int, duration: float, w
     return (*_stats(flat, elapsed), len(flat))
 
 
-def ort_session(path: Path, threads: int):
-    """Same session options as the served python backend (serving/backend/model.py), for a fair floor."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def torch_model(name: str):
     """The trained model where a checkpoint exists, else fresh weights (same latency): (model, note)."""
     from training import MissingCheckpointError, create_model, load_trained
 
     if name == rep.FLOOR_MODEL:
-        return rep.floor_spec().builder().eval(), ""
+        from torch import nn
+
+        return nn.Identity(), ""
     try:
         return load_trained(name), ""
     except MissingCheckpointError:
@@ -271,7 +252,9 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
 
     for c in s.concurrency:
         add("torch", "in-process", "-", c, measure_callable(torch_call, c, s.inprocess_s), "python")
-    sess = ort_session(onnx_file, rep.intra_op_threads(config("on")))
+    from export.runtime import ort_session
+
+    sess = ort_session(onnx_file, threads=rep.intra_op_threads(config("on")))  # the served backend's options
     for c in s.concurrency:
         add("onnxruntime", "in-process", "-", c, measure_callable(lambda: sess.run(None, inputs), c, s.inprocess_s),
             "python")
@@ -437,24 +420,31 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
     from serving.server import TritonServer, free_ports
     from training.registry import list_models
 
-    src = rep._repo_dir(repo_dir)
+    from training import layout
+    from training.registry import get_spec
+
+    src = layout.repository_root(repo_dir)
     notes: list[str] = []
     names = [m for m in (list_models() if models is None else models) if m != rep.FLOOR_MODEL]
+    composed = [m for m in names if get_spec(m).composition is not None]
+    for m in composed:  # the batcher on/off comparison reconfigures one graph's model
+        notes.append(f"{m}: a composed pipeline, not benchmarked here")
+    names = [m for m in names if m not in composed]
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp:
         repo = Path(tmp)
         served = []
         for m in names:  # a temp repository on the exported graphs: the benchmark never edits model_repository/
-            dst = rep.onnx_path(m, repo)
+            dst = layout.onnx_path(m, repo)
             dst.parent.mkdir(parents=True)
             if untrained:
                 from export.onnx_export import export_onnx
-                from training.registry import create_model, get_spec
+                from training.registry import create_model
 
                 export_onnx(get_spec(m), create_model(m), dst)
-            elif rep.onnx_path(m, src).exists():
-                dst.symlink_to(rep.onnx_path(m, src).resolve())
+            elif layout.onnx_path(m, src).exists():
+                dst.symlink_to(layout.onnx_path(m, src).resolve())
             else:
-                notes.append(f"{m}: not exported ({rep.onnx_path(m, src)}); run `make export`")
+                notes.append(f"{m}: not exported ({layout.onnx_path(m, src)}); run `make export`")
                 log(f"skip {m}: not exported")
                 continue
             served.append(m)
@@ -483,7 +473,7 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
                 meta["triton"] = "2.51"
                 for m in [rep.FLOOR_MODEL, *served]:  # the floor first: every later number is read against it
                     log(f"{m}:")
-                    r, note = bench_model(m, server, rep.onnx_path(m, repo), s, use_pa, log, client_cpus)
+                    r, note = bench_model(m, server, layout.onnx_path(m, repo), s, use_pa, log, client_cpus)
                     rows += r
                     if note:
                         notes.append(f"{m}: torch row uses {note} (no checkpoint)")
@@ -545,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"batching gain {x.get('batching_gain', float('nan')):.2f}x")
             failed += [f"{m}/{proto}/{k}" for k in ("latency_ok", "batching_ok") if x.get(k) is False]
     print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
-    if failed:
-        print(f"targets missed: {', '.join(failed)}", file=sys.stderr)
+    # Missed targets are a measurement, not an error: say which plainly; exit non-zero only on errors.
+    print(f"targets missed ({len(failed)}): {', '.join(failed)}" if failed else "targets: all met")
     return 0
 
 

@@ -1,10 +1,11 @@
 """A small client for the served models, over gRPC or HTTP (``tritonclient``), and its CLI.
 
-Everything model-specific comes from the server: input names, dtypes, dims and ``max_batch_size`` from the
-model's config, and how to present each output from the config parameter ``output_kinds`` that
-``serving.repository`` writes from the spec (``logits`` -> prediction, ``scale_logits`` -> per-scale
-predictions, ``boxes`` -> coordinates, anything else -> a shape summary). So RA-CNN's APN boxes print
-with no RA-CNN code here.
+Everything model-specific comes from the server: input names, dtypes, dims, bounds and ``max_batch_size``
+from the model's config, and how to present each output from the config parameter ``output_kinds`` that
+``serving.repository`` writes from the spec; each kind (``training.tasks``: class logits -> predictions,
+segmentation -> mask summary, boxes -> coordinates, maps -> peaks, anything else -> a shape summary)
+presents itself. So RA-CNN's APN boxes print with no RA-CNN code here. ``Client.infer(feeds) -> outputs``
+is the same runner interface as ``export.runners``: the serving tests compare it with torch directly.
 
     python -m serving.client --model racnn --protocol grpc image.png [more.png | x.npy ...]
     python -m serving.client --model cnn --protocol http --sample 8
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from serving.cli import cli_error
+from training.tasks import output_kind
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
@@ -57,6 +59,7 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     output_kinds: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    input_bounds: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # input -> axis -> range
 
     @staticmethod
     def from_config(cfg: dict) -> ModelInfo:
@@ -71,8 +74,10 @@ class ModelInfo:
             return tuple(out)
 
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        bounds = {k: {int(a): (int(r[0]), int(r[1])) for a, r in v.items()}
+                  for k, v in json.loads(params.get("input_bounds") or "{}").items()}
         return ModelInfo(cfg["name"], int(cfg.get("max_batch_size", 0)), tensors("input"), tensors("output"),
-                         json.loads(params.get("output_kinds") or "{}"), params.get("description", ""))
+                         json.loads(params.get("output_kinds") or "{}"), params.get("description", ""), bounds)
 
     def input_shape_text(self, t: TensorInfo) -> str:
         return "[" + ", ".join(["B", *("?" if d < 0 else str(d) for d in t.dims)]) + "]"
@@ -111,19 +116,29 @@ class Client:
                               "start it with `make serve` (python -m serving.server)")
 
     def served_models(self) -> dict[str, dict]:
+        """The repository index (an admin API: a locked server refuses it without the admin key)."""
         index = self._client.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
         rows = index.get("models", []) if isinstance(index, dict) else index
         return {r["name"]: r for r in rows}
 
-    def _model_info(self) -> ModelInfo:
-        models = self.served_models()
+    def _not_ready(self) -> ClientError:
+        try:  # the index names the served models and why this one is not ready, where the server allows it
+            models = self.served_models()
+        except Exception:
+            return ClientError(f"model {self.model!r} is not served (or not ready) at {self.url}")
         if self.model not in models:
-            raise ClientError(f"unknown model {self.model!r}; served models: {', '.join(sorted(models)) or 'none'}")
-        state = models[self.model].get("state", "")
-        if state != "READY":
-            reason = models[self.model].get("reason", "")
-            why = f": {reason.strip().splitlines()[0]}" if reason.strip() else ""
-            raise ClientError(f"model {self.model!r} is not ready ({state or 'not loaded'}){why}")
+            return ClientError(f"unknown model {self.model!r}; served models: {', '.join(sorted(models)) or 'none'}")
+        state, reason = models[self.model].get("state", ""), models[self.model].get("reason", "")
+        why = f": {reason.strip().splitlines()[0]}" if reason.strip() else ""
+        return ClientError(f"model {self.model!r} is not ready ({state or 'not loaded'}){why}")
+
+    def _model_info(self) -> ModelInfo:
+        try:
+            ready = self._client.is_model_ready(self.model)
+        except Exception:
+            ready = False
+        if not ready:
+            raise self._not_ready()
         if self.protocol == "grpc":
             cfg = self._client.get_model_config(self.model, as_json=True)["config"]
         else:
@@ -192,6 +207,10 @@ class Client:
             if batched and not 1 <= a.shape[0] <= self.info.max_batch_size:
                 mbs = self.info.max_batch_size
                 raise ClientError(f"model {m!r} input {name!r}: batch of {a.shape[0]} outside 1..{mbs}")
+            for axis, (lo, hi) in self.info.input_bounds.get(name, {}).items():
+                if not lo <= per[axis] <= hi:
+                    raise ClientError(f"model {m!r} input {name!r} axis {axis + int(batched)} is {per[axis]}; "
+                                      f"the model takes {lo}..{hi}")
 
     def _request(self, inputs: dict[str, np.ndarray]) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype
@@ -307,41 +326,13 @@ def load_image(path: str | Path) -> np.ndarray:
     return a[None, None]
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def describe(outputs: dict[str, np.ndarray], kinds: dict[str, str], i: int) -> dict[str, Any]:
-    """Sample ``i`` of a batch's outputs as plain values, presented by each output's kind."""
-    out: dict[str, Any] = {}
-    for name, arr in outputs.items():
-        a, kind = arr[i], kinds.get(name, "tensor")
-        if kind == "logits":
-            p = _softmax(a.astype(np.float64))
-            out[name] = {"prediction": int(a.argmax()), "probability": round(float(p.max()), 4)}
-        elif kind == "scale_logits":
-            out[name] = {"per_scale_prediction": a.reshape(-1, a.shape[-1]).argmax(-1).tolist()}
-        elif kind == "boxes":
-            out[name] = {"boxes": np.round(a.reshape(-1, a.shape[-1]), 4).tolist()}
-        else:
-            out[name] = {"shape": list(a.shape), "min": round(float(a.min()), 4), "max": round(float(a.max()), 4)}
-    return out
+    """Sample ``i`` of a batch's outputs as plain values, each presented by its output kind."""
+    return {name: output_kind(kinds.get(name, "tensor")).present(arr[i]) for name, arr in outputs.items()}
 
 
-def _format(label: str, d: dict[str, Any]) -> str:
-    lines = [label]
-    for name, v in d.items():
-        if "prediction" in v:
-            lines.append(f"  {name}: prediction {v['prediction']} (p={v['probability']:.3f})")
-        elif "per_scale_prediction" in v:
-            lines.append(f"  {name}: per-scale predictions {v['per_scale_prediction']}")
-        elif "boxes" in v:
-            boxes = "; ".join("(" + ", ".join(f"{c:.3f}" for c in b) + ")" for b in v["boxes"])
-            lines.append(f"  {name} (x0, y0, x1, y1): {boxes}")
-        else:
-            lines.append(f"  {name}: shape {v['shape']}, min {v['min']}, max {v['max']}")
-    return "\n".join(lines)
+def _format(label: str, d: dict[str, Any], kinds: dict[str, str]) -> str:
+    return "\n".join([label, *(f"  {output_kind(kinds.get(n, 'tensor')).format(n, v)}" for n, v in d.items())])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps({"input": label, "model": args.model, "outputs": results[k]}))
             else:
-                print(_format(label, results[k]))
+                print(_format(label, results[k], client.info.output_kinds))
     except Exception as e:
         return cli_error(e, args.debug)
     return 0

@@ -22,21 +22,23 @@ import json
 import shutil
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving.cli import cli_error
 
 if TYPE_CHECKING:
-    from training.registry import ModelSpec, TensorSpec
+    from training.registry import GraphSpec, ModelSpec, TensorSpec
 
-VERSION = "1"
-ONNX_FILE = "model.onnx"
-PLAN_FILE = "model.plan"
+from training import layout
+
 FLOOR_MODEL = "passthrough"
 TRT_SUFFIX = "_trt"
 TARGETS = ("cpu", "gpu")
-BACKEND_MODEL_PY = Path(__file__).resolve().parent / "backend" / "model.py"
+BACKEND_DIR = Path(__file__).resolve().parent / "backend"
+BACKEND_MODEL_PY = BACKEND_DIR / "model.py"  # one graph, onnxruntime inside
+BACKEND_PIPELINE_PY = BACKEND_DIR / "pipeline.py"  # BLS: calls the composed graphs' models
 
 
 class RepositoryError(RuntimeError):
@@ -48,17 +50,16 @@ class RepositoryError(RuntimeError):
 
 def floor_spec() -> ModelSpec:
     """The pass-through model: same input as every model, Identity graph, same serving options."""
-    from torch import nn
-
     from training.registry import ModelSpec, TensorSpec, image_input
 
+    image = image_input()
     return ModelSpec(
         name=FLOOR_MODEL,
         family="floor",
-        builder=nn.Identity,
+        builder=lambda: None,
         description="Identity pass-through: measures the fixed per-request cost of the serving path",
-        inputs=(image_input(),),
-        outputs=(TensorSpec("output", (1, -1, -1), "float32", "image", "the input, unchanged"),),
+        inputs=(image,),
+        outputs=(TensorSpec("output", image.axes, "float32", "image", "the input, unchanged"),),
     )
 
 
@@ -70,16 +71,38 @@ def spec_for(name: str) -> ModelSpec:
     return get_spec(name)
 
 
-def _repo_dir(repo_dir: str | Path | None) -> Path:
-    if repo_dir is not None:
-        return Path(repo_dir)
-    from training import paths
+@dataclass(frozen=True)
+class Deployable:
+    """One Triton model of the repository: a graph of a spec, or the model composing a spec's graphs."""
 
-    return paths.REPOSITORY_DIR
+    triton_name: str
+    spec: ModelSpec
+    graph: GraphSpec | None  # None: the composing (ensemble / BLS) model
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.graph.inputs if self.graph else self.spec.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.graph.outputs if self.graph else self.spec.outputs
 
 
-def onnx_path(name: str, repo_dir: str | Path | None = None) -> Path:
-    return _repo_dir(repo_dir) / name / VERSION / ONNX_FILE
+def deployables(spec: ModelSpec) -> list[Deployable]:
+    """Every Triton model that serves ``spec``: its graphs, then the composing model (if any)."""
+    out = [Deployable(spec.graph_model_name(g), spec, g) for g in spec.deploy_graphs()]
+    if spec.composition is not None:
+        out.append(Deployable(spec.name, spec, None))
+    return out
+
+
+def find_deployable(triton_name: str, specs: Iterable[ModelSpec]) -> Deployable | None:
+    base = triton_name.removesuffix(TRT_SUFFIX)
+    for spec in specs:
+        for d in deployables(spec):
+            if d.triton_name == base:
+                return d
+    return None
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -94,14 +117,38 @@ def _triton_dtype(dtype: str) -> int:
     return mc.DataType.Value("TYPE_STRING" if t == "BYTES" else f"TYPE_{t}")
 
 
-def _warmup_dims(t: TensorSpec, side: int) -> list[int]:
-    # Warm-up needs concrete dims: dynamic spatial axes take the side the model was trained at.
-    return [side if d < 0 else d for d in t.shape]
+def input_bounds(inputs: Iterable[TensorSpec]) -> dict[str, dict[str, list[int]]]:
+    """{input: {per-sample axis index: [min, max]}} for every dynamic axis: the same range the TensorRT
+    profile allows. Written into each config (parameter ``input_bounds``): the backend enforces it and
+    clients read it."""
+    return {t.name: {str(i): [d.min, d.max] for i, d in t.dynamic.items()} for t in inputs if t.dynamic}
 
 
-def model_config(spec: ModelSpec, target: str = "cpu", *, dynamic_batching: bool = True,
-                 platform: str | None = None, max_batch_size: int | None = None) -> Any:
-    """Triton's ``ModelConfig`` protobuf for one spec.
+def _add_tensors(cfg: Any, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> None:
+    for t in inputs:
+        cfg.input.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
+    for t in outputs:
+        cfg.output.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
+
+
+def _set_parameters(cfg: Any, params: dict[str, str]) -> None:
+    for k, v in params.items():
+        cfg.parameters[k].string_value = v
+
+
+def _client_parameters(spec: ModelSpec, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> dict:
+    """What clients read from a config: how to present each output, the inputs' bounds, a description."""
+    return {
+        "output_kinds": json.dumps({t.name: t.kind for t in outputs}),
+        "input_bounds": json.dumps(input_bounds(inputs)),
+        "description": spec.description,
+    }
+
+
+def graph_config(spec: ModelSpec, graph: GraphSpec | None = None, target: str = "cpu", *,
+                 dynamic_batching: bool = True, platform: str | None = None,
+                 max_batch_size: int | None = None) -> Any:
+    """Triton's ``ModelConfig`` protobuf for one graph of ``spec`` (default: its first / only graph).
 
     ``platform`` (gpu only) picks ``onnxruntime_onnx`` (default) or ``tensorrt_plan``;
     ``dynamic_batching=False`` gives the same model without the dynamic batcher (benchmarks use it).
@@ -110,50 +157,74 @@ def model_config(spec: ModelSpec, target: str = "cpu", *, dynamic_batching: bool
 
     if target not in TARGETS:
         raise RepositoryError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    graph = graph or spec.deploy_graphs()[0]
     so = spec.serving
     mbs = max_batch_size or so.max_batch_size
-    cfg = mc.ModelConfig(name=spec.name, max_batch_size=mbs)
+    cfg = mc.ModelConfig(name=spec.graph_model_name(graph), max_batch_size=mbs)
     if target == "cpu":
         cfg.backend = "python"
     else:
         cfg.platform = platform or "onnxruntime_onnx"
-        cfg.default_model_filename = PLAN_FILE if cfg.platform == "tensorrt_plan" else ONNX_FILE
-    for t in spec.inputs:
-        cfg.input.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
-    for t in spec.outputs:
-        cfg.output.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
+        cfg.default_model_filename = layout.PLAN_FILE if cfg.platform == "tensorrt_plan" else layout.ONNX_FILE
+    _add_tensors(cfg, graph.inputs, graph.outputs)
     if dynamic_batching:
         cfg.dynamic_batching.preferred_batch_size.extend(b for b in so.preferred_batch_sizes if b <= mbs)
         cfg.dynamic_batching.max_queue_delay_microseconds = so.max_queue_delay_us
     kind = mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU
     cfg.instance_group.add(count=so.instance_count, kind=kind)
     cfg.version_policy.latest.num_versions = 1
-    side = spec.train.canvas
     for batch in sorted({1, max(b for b in (*so.preferred_batch_sizes, 1) if b <= mbs)}):
-        w = cfg.model_warmup.add(name=f"batch{batch}_{side}px", batch_size=batch)
-        for t in spec.inputs:
+        w = cfg.model_warmup.add(name=f"batch{batch}_opt", batch_size=batch)
+        for t in graph.inputs:
             w.inputs[t.name].data_type = _triton_dtype(t.dtype)
-            w.inputs[t.name].dims.extend(_warmup_dims(t, side))
+            w.inputs[t.name].dims.extend(t.concrete())  # dynamic axes at their opt size (the profile's)
             w.inputs[t.name].zero_data = True  # random_data is random bytes: NaNs in FP32
-    # Read by the generic backend (file, threads) and by clients (how to present each output).
-    params = {
-        "onnx_file": ONNX_FILE,
-        "intra_op_threads": str(so.intra_op_threads),  # 0: the host's usable cores divided among the instances
-        "output_kinds": json.dumps({t.name: t.kind for t in spec.outputs}),
-        "description": spec.description,
-    }
-    for k, v in params.items():
-        cfg.parameters[k].string_value = v
+    # Read by the generic backend (file, threads, bounds) and by clients (how to present each output).
+    _set_parameters(cfg, {"onnx_file": layout.ONNX_FILE,
+                          "intra_op_threads": str(so.intra_op_threads),  # 0: usable cores / instances
+                          **_client_parameters(spec, graph.inputs, graph.outputs)})
+    return cfg
+
+
+def model_config(spec: ModelSpec, target: str = "cpu", **kw: Any) -> Any:
+    """The config of a one-graph model (what the benchmark reconfigures)."""
+    return graph_config(spec, None, target, **kw)
+
+
+def composition_config(spec: ModelSpec, target: str = "cpu") -> Any:
+    """The model that composes ``spec``'s graphs under the spec's own name: Triton's ensemble scheduler for a
+    fixed chain, or the generic BLS python model (``backend/pipeline.py``) for steps that depend on data."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    comp = spec.composition
+    if comp is None:
+        raise RepositoryError(f"model {spec.name!r} has no composition")
+    graphs = {g.name: g for g in spec.deploy_graphs()}
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.serving.max_batch_size)
+    _add_tensors(cfg, spec.inputs, spec.outputs)
+    steps = [{"model": spec.graph_model_name(graphs[s.graph]), "input_map": s.input_map, "output_map": s.output_map}
+             for s in comp.steps]
+    if comp.kind == "ensemble":
+        cfg.platform = "ensemble"
+        for s in steps:
+            step = cfg.ensemble_scheduling.step.add(model_name=s["model"], model_version=-1)
+            step.input_map.update(s["input_map"])  # graph tensor -> ensemble tensor
+            step.output_map.update(s["output_map"])
+    else:
+        cfg.backend = "python"
+        kind = mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+        cfg.instance_group.add(count=spec.serving.instance_count, kind=kind)
+        _set_parameters(cfg, {"steps": json.dumps(steps)})
+    _set_parameters(cfg, _client_parameters(spec, spec.inputs, spec.outputs))
     return cfg
 
 
 def intra_op_threads(cfg: Any) -> int:
-    """The onnxruntime thread count the generic backend will use for ``cfg`` (same rule as model.py)."""
-    import os
+    """The onnxruntime thread count the generic backend will use for ``cfg`` (the one rule, export.runtime)."""
+    from export.runtime import intra_op_threads as rule
 
     instances = sum(g.count or 1 for g in cfg.instance_group) or 1
-    fixed = int(cfg.parameters["intra_op_threads"].string_value or 0)
-    return fixed or max(1, len(os.sched_getaffinity(0)) // instances)
+    return rule(int(cfg.parameters["intra_op_threads"].string_value or 0), instances)
 
 
 def config_text(cfg: Any) -> str:
@@ -179,7 +250,7 @@ def parse_config(text: str, source: str = "config.pbtxt") -> Any:
         raise RepositoryError(f"{source}: not a valid Triton model config: {e}") from None
 
 
-def validate_config(text: str, spec: ModelSpec | None = None, source: str = "config.pbtxt") -> Any:
+def validate_config(text: str, deployable: Deployable | None = None, source: str = "config.pbtxt") -> Any:
     """Parse with Triton's protobuf and check it agrees with the spec; returns the ``ModelConfig``."""
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -197,15 +268,17 @@ def validate_config(text: str, spec: ModelSpec | None = None, source: str = "con
     for b in cfg.dynamic_batching.preferred_batch_size:
         if not 1 <= b <= cfg.max_batch_size:
             fail(f"preferred batch size {b} outside 1..{cfg.max_batch_size}")
-    if not cfg.instance_group:
+    if not cfg.instance_group and cfg.platform != "ensemble":
         fail("no instance_group")
+    if cfg.platform == "ensemble" and not cfg.ensemble_scheduling.step:
+        fail("an ensemble without steps")
     for w in cfg.model_warmup:
         if set(w.inputs) != {i.name for i in cfg.input}:
             fail(f"warmup {w.name!r} does not feed exactly the model's inputs")
-    if spec is not None:
-        if cfg.name.removesuffix(TRT_SUFFIX) != spec.name:
-            fail(f"model name {cfg.name!r} does not match spec {spec.name!r}")
-        for kind, got, want in (("input", cfg.input, spec.inputs), ("output", cfg.output, spec.outputs)):
+    if deployable is not None:
+        if cfg.name.removesuffix(TRT_SUFFIX) != deployable.triton_name:
+            fail(f"model name {cfg.name!r} does not match {deployable.triton_name!r}")
+        for kind, got, want in (("input", cfg.input, deployable.inputs), ("output", cfg.output, deployable.outputs)):
             got_t = [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in got]
             want_t = [(t.name, mc.DataType.Name(_triton_dtype(t.dtype)), list(t.shape)) for t in want]
             if got_t != want_t:
@@ -217,9 +290,18 @@ def validate_config(text: str, spec: ModelSpec | None = None, source: str = "con
 
 
 def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)  # atomic: a server polling the repository never reads half a config
+
+
+def _write_config(cfg: Any, deployable: Deployable, root: Path) -> Path:
+    path = layout.config_path(cfg.name, root)
+    text = config_text(cfg)
+    validate_config(text, deployable, source=str(path))
+    _write_text(path, text)
+    return path
 
 
 def write_floor_onnx(path: Path) -> Path:
@@ -228,11 +310,12 @@ def write_floor_onnx(path: Path) -> Path:
     from onnx import TensorProto, helper
 
     spec = floor_spec()
-    dims = ["batch", *[d if d > 0 else f"dim{i}" for i, d in enumerate(spec.input.shape)]]
+    image = spec.inputs[0]
+    dims = ["batch", *[d if d > 0 else f"dim{i}" for i, d in enumerate(image.shape)]]
     graph = helper.make_graph(
-        [helper.make_node("Identity", [spec.input.name], [spec.outputs[0].name])],
+        [helper.make_node("Identity", [image.name], [spec.outputs[0].name])],
         FLOOR_MODEL,
-        [helper.make_tensor_value_info(spec.input.name, TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info(image.name, TensorProto.FLOAT, dims)],
         [helper.make_tensor_value_info(spec.outputs[0].name, TensorProto.FLOAT, dims)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -243,7 +326,7 @@ def write_floor_onnx(path: Path) -> Path:
     return path
 
 
-def _servable_plan(plan: Path, name: str, root: Path) -> bool:
+def _servable_plan(plan: Path) -> bool:
     """Whether Triton's TensorRT backend can load ``plan``: its sidecar must say full TensorRT built it.
 
     TensorRT-RTX and ahead-of-time engines (``make engines`` on a CPU host) are never served; a plan
@@ -251,64 +334,73 @@ def _servable_plan(plan: Path, name: str, root: Path) -> bool:
     """
     if not plan.exists():
         return False
-    from export.tensorrt import repository_plan
+    from export.tensorrt import engine_info_or_none
 
-    info = repository_plan(name, root, int(VERSION))
+    info = engine_info_or_none(plan)
     if info is None:
         why = "it has no model.plan.json (architecture and TensorRT version unknown)"
     elif not info.triton_loadable:
         why = f"it is a {info.label}, which Triton's TensorRT backend cannot load"
     else:
         return True
-    print(f"serving.repository: {plan} not served as {name}{TRT_SUFFIX}: {why}", file=sys.stderr)
+    print(f"serving.repository: {plan} not served as {plan.parent.parent.name}{TRT_SUFFIX}: {why}", file=sys.stderr)
     return False
 
 
 def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None) -> list[Path]:
-    """Add config.pbtxt (and, for cpu, model.py) next to ``<repo>/<name>/1/model.onnx``."""
-    root = _repo_dir(repo_dir)
-    mdir = root / spec.name
-    onnx_file = mdir / VERSION / ONNX_FILE
-    if spec.name == FLOOR_MODEL and not onnx_file.exists():
-        write_floor_onnx(onnx_file)
-    if not onnx_file.exists():
-        raise RepositoryError(f"model {spec.name!r}: missing {onnx_file} (run `python -m export {spec.name}`)")
-    written = []
-    cfg_path = mdir / "config.pbtxt"
-    text = config_text(model_config(spec, target))
-    validate_config(text, spec, source=str(cfg_path))
-    _write_text(cfg_path, text)
-    written.append(cfg_path)
-    if target == "cpu":
-        dst = mdir / VERSION / "model.py"
-        shutil.copyfile(BACKEND_MODEL_PY, dst)
-        written.append(dst)
-    plan = mdir / VERSION / PLAN_FILE
-    if target == "gpu" and _servable_plan(plan, spec.name, root):
-        # Triton serves one platform per model: the engine becomes a sibling model "<name>_trt".
-        tdir = root / f"{spec.name}{TRT_SUFFIX}"
-        (tdir / VERSION).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(plan, tdir / VERSION / PLAN_FILE)
-        cfg = model_config(spec, target, platform="tensorrt_plan",
-                           max_batch_size=min(spec.serving.max_batch_size, spec.export.profile_batch[2]))
-        cfg.name = tdir.name
-        text = config_text(cfg)
-        validate_config(text, spec, source=str(tdir / "config.pbtxt"))
-        _write_text(tdir / "config.pbtxt", text)
-        written += [tdir / "config.pbtxt", tdir / VERSION / PLAN_FILE]
+    """Configs for every Triton model of ``spec`` (each graph beside its ``<repo>/<name>/1/model.onnx``, with
+    ``model.py`` on cpu; plus the composing model), validated with Triton's protobuf. Returns the files."""
+    root = layout.repository_root(repo_dir)
+    written: list[Path] = []
+    for d in deployables(spec):
+        if d.graph is None:
+            cfg = composition_config(spec, target)
+            written.append(_write_config(cfg, d, root))
+            if cfg.platform == "ensemble":
+                layout.version_dir(d.triton_name, root).mkdir(parents=True, exist_ok=True)  # Triton requires it
+            else:
+                written.append(_copy(BACKEND_PIPELINE_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
+            continue
+        onnx_file = layout.onnx_path(d.triton_name, root)
+        if spec.name == FLOOR_MODEL and not onnx_file.exists():
+            write_floor_onnx(onnx_file)
+        if not onnx_file.exists():
+            raise RepositoryError(f"model {spec.name!r}: missing {onnx_file} (run `python -m export {spec.name}`)")
+        written.append(_write_config(graph_config(spec, d.graph, target), d, root))
+        if target == "cpu":
+            written.append(_copy(BACKEND_MODEL_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
+        plan = layout.plan_path(d.triton_name, root)
+        if target == "gpu" and _servable_plan(plan):
+            # Triton serves one platform per model: the engine becomes a sibling model "<name>_trt".
+            trt_name = f"{d.triton_name}{TRT_SUFFIX}"
+            written.append(_copy(plan, layout.plan_path(trt_name, root)))
+            cfg = graph_config(spec, d.graph, target, platform="tensorrt_plan",
+                               max_batch_size=min(spec.serving.max_batch_size, spec.export.profile_batch[2]))
+            cfg.name = trt_name
+            written.append(_write_config(cfg, d, root))
     return written
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _exported(spec: ModelSpec, root: Path) -> bool:
+    return all(layout.onnx_path(spec.graph_model_name(g), root).exists() for g in spec.deploy_graphs())
 
 
 def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
                      repo_dir: str | Path | None = None) -> list[Path]:
-    """Generate configs for ``models`` (default: every registered model with an exported graph) plus
-    the pass-through floor model. Named models without ``model.onnx`` are an error; with ``models=None``
+    """Generate configs for ``models`` (default: every registered model with exported graphs) plus
+    the pass-through floor model. Named models without graphs are an error; with ``models=None``
     they are skipped with a note on stderr. Returns the files written."""
-    from training.registry import list_models
+    from training.registry import get_spec, list_models
 
-    root = _repo_dir(repo_dir)
+    root = layout.repository_root(repo_dir)
     if models is None:
-        names = [n for n in list_models() if onnx_path(n, root).exists()]
+        names = [n for n in list_models() if _exported(get_spec(n), root)]
         missing = sorted(set(list_models()) - set(names))
         if missing:
             print(f"serving.repository: not exported yet, skipped: {', '.join(missing)}", file=sys.stderr)
@@ -322,17 +414,23 @@ def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
 
 def served_models(repo_dir: str | Path | None = None) -> list[str]:
     """Model directories that have a config.pbtxt (what the server loads)."""
-    root = _repo_dir(repo_dir)
-    return sorted(p.parent.name for p in root.glob("*/config.pbtxt"))
+    root = layout.repository_root(repo_dir)
+    return sorted(p.parent.name for p in root.glob(f"*/{layout.CONFIG_FILE}"))
 
 
 def check_repository(repo_dir: str | Path | None = None) -> list[str]:
     """Validate every config.pbtxt in the repository against its spec; returns the model names."""
-    root = _repo_dir(repo_dir)
+    from training.registry import get_spec, list_models
+
+    root = layout.repository_root(repo_dir)
+    specs = [floor_spec(), *(get_spec(n) for n in list_models())]
     names = served_models(root)
     for name in names:
-        path = root / name / "config.pbtxt"
-        validate_config(path.read_text(), spec_for(name.removesuffix(TRT_SUFFIX)), source=str(path))
+        path = layout.config_path(name, root)
+        d = find_deployable(name, specs)
+        if d is None:
+            raise RepositoryError(f"{path}: no registered model serves {name!r}")
+        validate_config(path.read_text(), d, source=str(path))
     return names
 
 

@@ -206,9 +206,10 @@ class TritonServer:
                  metrics_port: int = 8002, startup_timeout: float = 120.0, require_all: bool = False,
                  probe: bool = True, log_path: str | Path | None = None, verbose: int = 0,
                  extra_args: Iterable[str] = (), cpus: Iterable[int] | None = None) -> None:
-        from serving.repository import _repo_dir, served_models
+        from serving.repository import served_models
+        from training.layout import repository_root
 
-        self.repository = _repo_dir(repository).resolve()
+        self.repository = repository_root(repository).resolve()
         self.models = list(models) if models is not None else served_models(self.repository)
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.startup_timeout, self.require_all, self.probe_on_start = startup_timeout, require_all, probe

@@ -56,6 +56,12 @@ class TensorSpec:
     data: str | None = None  # the data split's array that feeds this input (None: generated)
     value_range: tuple[float, float] = (0.0, 1.0)  # of generated or checked values
 
+    def __post_init__(self) -> None:
+        bad = [a for a in self.axes if not isinstance(a, Dim) and (not isinstance(a, int) or a < 1)]
+        if bad:
+            raise ValueError(f"tensor {self.name!r}: axes {self.axes} must be sizes >= 1 or Dim(name, min, opt, max) "
+                             "for a dynamic axis")
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Per-sample shape with -1 for every dynamic axis (Triton's ``dims``)."""

@@ -6,7 +6,11 @@ Copied unchanged into every model's version folder by ``serving.repository``; ev
 Per ``execute`` call Triton hands over the requests the dynamic batcher gathered. They are grouped by
 per-sample shape (H, W are dynamic, and only equal shapes concatenate), each group runs as ONE onnxruntime
 batch, and the outputs are split back: exactly one response per request, in order. A bad request (NaN/Inf,
-empty batch) gets its own error response; it never fails the others in the batch.
+empty batch, a dynamic axis outside the spec's range in the config's ``input_bounds``) gets its own error
+response naming what is wrong; it never fails the others in the batch.
+
+The session and its thread rule come from ``export.runtime`` (the one place sessions are built): the
+server runs this file in the project's venv, where the package is installed.
 """
 
 from __future__ import annotations
@@ -17,16 +21,11 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.runtime import intra_op_threads, ort_session
+
 
 class BadRequest(ValueError):
     pass
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _error(message: str):
@@ -37,8 +36,6 @@ def _error(message: str):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        import onnxruntime as ort
-
         cfg = json.loads(args["model_config"])
         self.name = cfg["name"]
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
@@ -48,18 +45,13 @@ class TritonPythonModel:
 
         # Instances are separate processes sharing the host's cores: split the cores among them.
         instances = sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1
-        threads = int(params.get("intra_op_threads") or 0) or max(1, _usable_cores() // instances)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning worker threads burn the cores that the server and clients share on a small host.
-        so.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning") or "0")
+        threads = intra_op_threads(int(params.get("intra_op_threads") or 0), instances)
         try:
-            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            self.session = ort_session(path, threads=threads, spinning=params.get("allow_spinning") == "1")
         except Exception as e:  # onnxruntime raises its own types for corrupt/unreadable graphs
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file {path}: {first}") from None
+            raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file: {e}") from None
+        # {input: {per-sample axis: [min, max]}}: the dynamic axes' allowed sizes (the TensorRT profile's range)
+        self.bounds = {k: {int(a): r for a, r in v.items()} for k, v in json.loads(params.get("input_bounds") or "{}").items()}
 
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
@@ -81,6 +73,11 @@ class TritonPythonModel:
             a = t.as_numpy()
             if a.ndim == 0 or a.shape[0] == 0:
                 raise BadRequest(f"model '{self.name}': input '{name}' is an empty batch (shape {list(a.shape)})")
+            for axis, (lo, hi) in self.bounds.get(name, {}).items():
+                size = a.shape[axis + 1] if axis + 1 < a.ndim else None
+                if size is None or not lo <= size <= hi:
+                    raise BadRequest(f"model '{self.name}': input '{name}' axis {axis + 1} of shape {list(a.shape)} "
+                                     f"must be in {lo}..{hi} (the model's allowed range)")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 bad = int(a.size - np.isfinite(a).sum())
                 raise BadRequest(
