@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests that need trained checkpoints skip with a reason when `make export` has not run."""
+"""Shared fixtures. Trained weights are shipped (training/weights/); exported graphs come from `make export`."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def require_checkpoint(name: str) -> None:
+    """Weights are tracked, so a missing checkpoint is a failure, never a skip."""
     from training import checkpoint_path
 
     if not checkpoint_path(name).exists():
-        pytest.skip(f"no trained checkpoint for {name!r} ({checkpoint_path(name)}); run `make export` first")
+        pytest.fail(f"no shipped checkpoint for {name!r} ({checkpoint_path(name)}); run `python -m training {name}`")
 
 
-def require_onnx(name: str):
-    from export.pipeline import onnx_path
+def require_onnx(triton_model: str):
+    from training.layout import onnx_path
 
-    p = onnx_path(name)
+    p = onnx_path(triton_model)
     if not p.exists():
-        pytest.skip(f"no exported graph for {name!r} ({p}); run `make export` first")
+        pytest.skip(f"no exported graph for {triton_model!r} ({p}); run `make export` first")
     return p

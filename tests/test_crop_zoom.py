@@ -162,21 +162,15 @@ def test_onnxruntime_parity(exported, batch, size):
 
 
 def _trt_parse(path):
-    """Parse with TensorRT-RTX's ONNX parser; returns (ok, [(node, op, desc)])."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed")
+    """Parse with the package's TensorRT parser (TensorRT-RTX); returns (ok, [(node, op, desc)])."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed")
+    from export.tensorrt import TensorRTParseError, parse_onnx
 
-    class _Logger(trt.ILogger):
-        def log(self, severity, msg):  # never raise: every parse logs a harmless INTERNAL_ERROR
-            pass
-
-    logger = _Logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # keep a reference: the parser does not own it
-    parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(path))
-    errors = [parser.get_error(i) for i in range(parser.num_errors)]
-    errors = [(e.node_name(), e.node_operator(), e.desc()) for e in errors]
-    return ok, errors
+    try:
+        parse_onnx(path, prefer="tensorrt_rtx")
+    except TensorRTParseError as err:
+        return False, [(e["node_name"], e["operator"], e["desc"]) for e in err.errors]
+    return True, []
 
 
 def test_tensorrt_parses_standard_graph(exported):

@@ -31,14 +31,6 @@ def _images(batch: int, side: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def test_spec():
-    spec = get_spec("racnn")
-    assert spec.family == "racnn"
-    assert spec.output_names == ("logits", "scale_logits", "boxes")
-    assert [o.kind for o in spec.outputs] == ["logits", "scale_logits", "boxes"]
-    assert spec.export.opset == 18 and spec.checks.min_accuracy == 0.97
-
-
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("side", [64, 80])
 def test_forward_shapes_match_spec(batch, side):
@@ -89,7 +81,7 @@ def _batch(n: int = 6):
 def test_loss_finite_and_apn_learns_only_through_crop_zoom():
     model = _model(std=0.3).train()  # mild: a box clamped at the border has no centre gradient
     batch = _batch()
-    loss, log = racnn_loss(model(batch["image"]), batch)
+    loss, log = racnn_loss(dict(zip(get_spec("racnn").output_names, model(batch["image"]), strict=True)), batch)
     assert torch.isfinite(loss) and all(np.isfinite(v) for v in log.values())
     loss.backward()
     for apn in model.apns:
@@ -115,7 +107,8 @@ def test_ranking_loss_penalises_a_worse_finer_scale():
     boxes = torch.zeros(1, NUM_SCALES - 1, 4)
 
     def rank(*scales):
-        return racnn_loss((good, torch.stack(scales, dim=1), boxes), {"label": y})[1]["rank"]
+        outputs = {"logits": good, "scale_logits": torch.stack(scales, dim=1), "boxes": boxes}
+        return racnn_loss(outputs, {"label": y})[1]["rank"]
 
     cap = 1 - LABEL_SMOOTHING * 0.9  # the confidence label smoothing aims for: 0.91
     # scale 1 sure, scales 2-3 not: (cap - 0.1) + (0.1 + m - 0.1)
@@ -135,7 +128,7 @@ def test_bars():
 def test_tiny_training_run():
     from training.train import train_model
 
-    metrics = train_model("racnn", steps=2, train_size=16, test_size=16, save=False, progress=False)
+    metrics = train_model("racnn", steps=2, train_size=16, test_size=16, save=False, progress=False)["metrics"]
     for key in ("acc_scale1", "acc_scale2", "acc_scale3", "acc_fused", "box_center_err", "center_inside_rate"):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["center_inside_rate"] <= 1
@@ -153,16 +146,15 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("side", [64, 80])
 def test_onnx_parity_dynamic_batch_and_size(exported, batch, side):
-    from export.runtime import ort_session, run
+    from export.compare import Tolerance, compare
+    from export.runners import OnnxRuntimeRunner, TorchRunner
 
     model, path = exported
-    x = _images(batch, side, seed=batch + side)
-    with torch.no_grad():
-        ref = [o.numpy() for o in model(x)]
-    got = run(ort_session(path), x.numpy())
-    for name, r, g in zip(get_spec("racnn").output_names, ref, got, strict=True):
-        assert g.shape == r.shape, name
-        assert np.abs(g - r).max() <= 1e-4, name
+    spec = get_spec("racnn")
+    feeds = {"image": _images(batch, side, seed=batch + side).numpy()}
+    c = compare(TorchRunner.for_spec(spec, model).infer(feeds), OnnxRuntimeRunner(path).infer(feeds), spec.outputs,
+                Tolerance(1e-4, 1.0))
+    assert c.ok, c.failures
 
 
 @pytest.mark.parametrize("side", [64, 80])
@@ -174,21 +166,20 @@ def test_trained_graph_is_as_close_to_float64_math_as_torch_float32_is(side):
     off. Before RA-CNN low-passed its input, torch float32 itself was 1.2e-4 from float64 on the
     per-scale logits (crops amplified pixel noise); now 5.3e-5 (512 images, 64 px).
     """
-    from export.runtime import ort_session, run
-    from tests.conftest import require_checkpoint, require_onnx
+    from export.runners import OnnxRuntimeRunner
+    from tests.conftest import require_onnx
     from training import load_trained
     from training.data import test_images
 
-    require_checkpoint("racnn")
     path = require_onnx("racnn")
     x, _ = test_images(64, canvas=side)
     with torch.no_grad():
         r32 = [t.numpy() for t in load_trained("racnn")(torch.from_numpy(x))]
         r64 = [t.numpy() for t in load_trained("racnn").double()(torch.from_numpy(x).double())]
-    got = run(ort_session(path), x)
     spec = get_spec("racnn")
-    for name, a32, a64, g in zip(spec.output_names, r32, r64, got, strict=True):
-        torch_err, ort_err = np.abs(a32 - a64).max(), np.abs(g - a64).max()
+    got = OnnxRuntimeRunner(path).infer({"image": x})
+    for name, a32, a64 in zip(spec.output_names, r32, r64, strict=True):
+        torch_err, ort_err = np.abs(a32 - a64).max(), np.abs(got[name] - a64).max()
         # measured (512 images): scale_logits torch 5.3e-5, ORT 6.4e-5; logits ~1e-5; boxes ~1e-6
         assert ort_err <= spec.checks.fp32_max_abs, f"{name}: ORT {ort_err:.1e} from float64"
         assert ort_err <= max(3 * torch_err, 1e-6), f"{name}: ORT {ort_err:.1e}, torch float32 {torch_err:.1e}"
@@ -207,32 +198,3 @@ def test_input_low_pass_keeps_the_image_mean_and_removes_pixel_noise():
     checker = ((idx[:, None] + idx[None, :]) % 2).float()[None, None] - 0.5
     assert blur(checker)[..., inner, inner].abs().max() < 0.01 * checker.abs().max()
     assert blur(torch.rand(2, 3, 20, 24)).shape == (2, 3, 20, 24)
-
-
-def test_recipe_fingerprint_tracks_the_loss_the_model_and_every_value():
-    """`make export` retrains when the recipe or the model changed: a loss or layer edit counts, not only
-    the step count."""
-    import dataclasses
-
-    from training.models.common import classification_loss
-    from training.train import recipe_fingerprint
-
-    r = get_spec("racnn").train
-    assert recipe_fingerprint(r) == recipe_fingerprint(dataclasses.replace(r))
-    assert recipe_fingerprint(r) != recipe_fingerprint(dataclasses.replace(r, steps=r.steps + 1))
-    assert recipe_fingerprint(r) != recipe_fingerprint(dataclasses.replace(r, loss=classification_loss))
-    spec, cnn = get_spec("racnn"), get_spec("cnn")
-    assert recipe_fingerprint(r, spec.builder) == recipe_fingerprint(r, spec.builder)
-    assert recipe_fingerprint(r, spec.builder) != recipe_fingerprint(r)
-    assert recipe_fingerprint(r, spec.builder) != recipe_fingerprint(r, cnn.builder)
-
-
-def test_fingerprint_covers_the_modules_a_model_is_built_from():
-    """Editing the shared backbone or the crop op retrains RA-CNN too, not only editing racnn.py."""
-    from training.train import model_modules
-
-    assert model_modules(get_spec("racnn").builder) == [
-        "training.models.racnn", "training.models.common", "training.ops.crop_zoom"]
-    assert model_modules(get_spec("nonlocal_dot").builder) == ["training.models.nonlocal_net", "training.models.common"]
-    assert model_modules(get_spec("cnn").builder) == ["training.models.common"]
-    assert model_modules(None) == []

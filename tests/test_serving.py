@@ -23,8 +23,11 @@ import numpy as np
 import pytest
 import torch
 
+from export.compare import Tolerance, compare
+from export.runners import TorchRunner
 from serving import repository as rep
 from serving.server import TritonServer, free_ports, port_free
+from training import layout
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ("grpc", "http")
@@ -39,22 +42,14 @@ def _real_images(n: int, side: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images, dtype=np.float32), labels
 
 
-def _torch_outputs(model: torch.nn.Module, x: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        out = model(torch.from_numpy(x))
-    out = out if isinstance(out, tuple | list) else (out,)
-    return {n: o.numpy() for n, o in zip(names, out, strict=True)}
+def _torch_outputs(model: torch.nn.Module, x: np.ndarray, spec) -> dict[str, np.ndarray]:
+    return TorchRunner.for_spec(spec, model).infer({spec.inputs[0].name: x})
 
 
 def _assert_parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], spec, where: str) -> None:
     assert set(got) == set(ref), where
-    for name, r in ref.items():
-        g = got[name]
-        assert g.shape == r.shape, f"{where} {name}: shape {g.shape} != {r.shape}"
-        err = float(np.abs(g - r).max())
-        assert err <= spec.checks.fp32_max_abs, f"{where} {name}: max abs error {err:.2e}"
-    lo = spec.logits_output()
-    assert (got[lo].argmax(-1) == ref[lo].argmax(-1)).all(), f"{where}: top-1 differs"
+    c = compare(ref, got, spec.outputs, Tolerance(spec.checks.fp32_max_abs, 1.0), where=where)
+    assert c.ok, c.failures
 
 
 def _client(server: TritonServer, model: str, protocol: str):
@@ -80,7 +75,7 @@ def test_every_spec_config_validates_with_triton_protobuf(target):
     for name in [*list_models(), rep.FLOOR_MODEL]:
         spec = rep.spec_for(name)
         text = rep.config_text(rep.model_config(spec, target))
-        cfg = rep.validate_config(text, spec, source=name)
+        cfg = rep.validate_config(text, rep.deployables(spec)[0], source=name)
         assert cfg.name == name and cfg.max_batch_size == spec.serving.max_batch_size
         assert [i.name for i in cfg.input] == [t.name for t in spec.inputs]
         assert [list(i.dims) for i in cfg.input] == [list(t.shape) for t in spec.inputs]
@@ -95,21 +90,24 @@ def test_every_spec_config_validates_with_triton_protobuf(target):
         assert (cfg.backend, cfg.platform) == (("python", "") if target == "cpu" else ("", "onnxruntime_onnx"))
         kinds = json.loads(cfg.parameters["output_kinds"].string_value)
         assert kinds == {t.name: t.kind for t in spec.outputs}
+        bounds = json.loads(cfg.parameters["input_bounds"].string_value)
+        assert bounds == {t.name: {str(i): [d.min, d.max] for i, d in t.dynamic.items()} for t in spec.inputs}
         off = rep.model_config(spec, target, dynamic_batching=False)
         assert not off.HasField("dynamic_batching")
 
 
 def test_validate_config_rejects_mismatches():
     spec = rep.floor_spec()
+    floor = rep.deployables(spec)[0]
     good = rep.config_text(rep.model_config(spec))
     with pytest.raises(rep.RepositoryError, match="not a valid Triton model config"):
-        rep.validate_config(good + "\nno_such_field: 3\n", spec, source="x/config.pbtxt")
+        rep.validate_config(good + "\nno_such_field: 3\n", floor, source="x/config.pbtxt")
     with pytest.raises(rep.RepositoryError, match="inputs"):
-        rep.validate_config(good.replace("dims: -1", "dims: 64", 1), spec)
+        rep.validate_config(good.replace("dims: -1", "dims: 64", 1), floor)
     with pytest.raises(rep.RepositoryError, match="preferred batch size 32"):
-        rep.validate_config(good.replace("max_batch_size: 64", "max_batch_size: 16"), spec)
-    with pytest.raises(rep.RepositoryError, match="does not match spec"):
-        rep.validate_config(good, rep.spec_for("cnn"))
+        rep.validate_config(good.replace("max_batch_size: 64", "max_batch_size: 16"), floor)
+    with pytest.raises(rep.RepositoryError, match="does not match 'cnn'"):
+        rep.validate_config(good, rep.deployables(rep.spec_for("cnn"))[0])
 
 
 def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
@@ -118,7 +116,7 @@ def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
     with pytest.raises(rep.RepositoryError, match=r"missing .*cnn/1/model\.onnx"):
         rep.write_repository(["cnn"], "cpu", tmp_path)
     # A stand-in graph for cnn (the generator never reads it) must come out byte-identical.
-    onnx_file = rep.onnx_path("cnn", tmp_path)
+    onnx_file = layout.onnx_path("cnn", tmp_path)
     rep.write_floor_onnx(onnx_file)
     digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
     written = rep.write_repository(None, "cpu", tmp_path)  # default: every exported model + the floor
@@ -128,7 +126,7 @@ def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
     assert (tmp_path / "cnn/1/model.py").read_bytes() == rep.BACKEND_MODEL_PY.read_bytes()
     assert rep.check_repository(tmp_path) == ["cnn", "passthrough"]
     # The floor graph is an Identity with the image input's dynamic signature.
-    sess = ort.InferenceSession(str(rep.onnx_path(rep.FLOOR_MODEL, tmp_path)))
+    sess = ort.InferenceSession(str(layout.onnx_path(rep.FLOOR_MODEL, tmp_path)))
     x = np.random.rand(3, 1, 40, 56).astype(np.float32)
     np.testing.assert_array_equal(sess.run(None, {"image": x})[0], x)
 
@@ -146,7 +144,7 @@ def _engine_sidecar(plan: Path, flavour: str, aot: bool) -> None:
 
 
 def test_gpu_target_uses_native_backends_and_engines(tmp_path):
-    rep.write_floor_onnx(rep.onnx_path("cnn", tmp_path))
+    rep.write_floor_onnx(layout.onnx_path("cnn", tmp_path))
     plan = tmp_path / "cnn/1/model.plan"
     plan.write_bytes(b"engine bytes")
     _engine_sidecar(plan, "tensorrt", aot=False)
@@ -163,7 +161,7 @@ def test_gpu_target_uses_native_backends_and_engines(tmp_path):
 @pytest.mark.parametrize("sidecar", ["tensorrt_rtx", None])
 def test_gpu_target_skips_engines_triton_cannot_load(tmp_path, capsys, sidecar):
     """A TensorRT-RTX ahead-of-time engine, or a plan with no metadata, is never written as <name>_trt."""
-    rep.write_floor_onnx(rep.onnx_path("cnn", tmp_path))
+    rep.write_floor_onnx(layout.onnx_path("cnn", tmp_path))
     plan = tmp_path / "cnn/1/model.plan"
     plan.write_bytes(b"engine bytes")
     if sidecar:
@@ -176,7 +174,7 @@ def test_gpu_target_skips_engines_triton_cannot_load(tmp_path, capsys, sidecar):
 
 
 def test_repository_cli(tmp_path):
-    rep.write_floor_onnx(rep.onnx_path("cnn", tmp_path))
+    rep.write_floor_onnx(layout.onnx_path("cnn", tmp_path))
     assert rep.main(["--repo", str(tmp_path), "cnn"]) == 0
     assert rep.main(["--repo", str(tmp_path), "--check"]) == 0
     assert rep.main(["--repo", str(tmp_path), "nonlocal_dot"]) == 1  # not exported: one-line error
@@ -194,7 +192,7 @@ def untrained(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     torch.manual_seed(0)
     model = create_model("cnn").eval()
-    export_onnx(get_spec("cnn"), model, rep.onnx_path("cnn", repo))
+    export_onnx(get_spec("cnn"), model, layout.onnx_path("cnn", repo))
     rep.write_repository(["cnn"], "cpu", repo)
     return repo, model
 
@@ -231,10 +229,10 @@ def test_wire_equals_torch_untrained_cnn(server, untrained, protocol):
     images, _ = _real_images(spec.serving.max_batch_size)
     for n in (1, spec.serving.max_batch_size):
         x = images[:n]
-        _assert_parity(c.infer(x), _torch_outputs(model, x, spec.output_names), spec, f"{protocol} batch {n}")
+        _assert_parity(c.infer(x), _torch_outputs(model, x, spec), spec, f"{protocol} batch {n}")
     # Another input size goes through the dynamic H, W of the served graph.
     x = _real_images(4, side=80)[0]
-    _assert_parity(c.infer(x), _torch_outputs(model, x, spec.output_names), spec, f"{protocol} 80px")
+    _assert_parity(c.infer(x), _torch_outputs(model, x, spec), spec, f"{protocol} 80px")
 
 
 @pytest.mark.server
@@ -245,7 +243,7 @@ def test_concurrent_requests_match_their_inputs(server, untrained, protocol):
     spec, model = get_spec("cnn"), untrained[1]
     images, _ = _real_images(48)
     batches = [images[i:i + 1 + i % 3] for i in range(40)]  # mixed batch sizes 1..3
-    ref = [_torch_outputs(model, b, spec.output_names) for b in batches]
+    ref = [_torch_outputs(model, b, spec) for b in batches]
     got = _client(server, "cnn", protocol).infer_many(batches, concurrency=16)
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         _assert_parity(g, r, spec, f"{protocol} request {i}")
@@ -320,7 +318,7 @@ def test_bad_request_in_a_batch_does_not_fail_the_others(server, untrained, prot
         if i in (3, 11):
             assert isinstance(g, InferenceError) and "NaN/Inf" in str(g)
         else:
-            _assert_parity(g, _torch_outputs(untrained[1], batches[i], spec.output_names), spec, f"request {i}")
+            _assert_parity(g, _torch_outputs(untrained[1], batches[i], spec), spec, f"request {i}")
 
 
 @pytest.mark.server
@@ -511,9 +509,10 @@ def test_server_cli_starts_checks_and_stops(untrained):
 
 def _trained_names() -> list[str]:
     from training import checkpoint_path
-    from training.registry import list_models
+    from training.registry import get_spec, list_models
 
-    return [n for n in list_models() if checkpoint_path(n).exists() and rep.onnx_path(n).exists()]
+    return [n for n in list_models() if checkpoint_path(n).exists() and all(
+        layout.onnx_path(d.triton_name).exists() for d in rep.deployables(get_spec(n)) if d.graph)]
 
 
 @pytest.fixture(scope="module")
@@ -522,10 +521,14 @@ def trained_server(tmp_path_factory):
     if not names:
         pytest.skip("no trained checkpoint with an exported graph; run `make export` first")
     repo = tmp_path_factory.mktemp("trained_repo")
+    from training.registry import get_spec
+
     for n in names:  # a temp repository on the exported graphs (never model_repository/ itself)
-        dst = rep.onnx_path(n, repo)
-        dst.parent.mkdir(parents=True)
-        dst.symlink_to(rep.onnx_path(n).resolve())
+        for d in rep.deployables(get_spec(n)):
+            if d.graph is not None:
+                dst = layout.onnx_path(d.triton_name, repo)
+                dst.parent.mkdir(parents=True)
+                dst.symlink_to(layout.onnx_path(d.triton_name).resolve())
     rep.write_repository(names, "cpu", repo)
     srv = _start(repo)
     yield srv
@@ -554,9 +557,9 @@ def test_wire_equals_load_trained(trained_server, name):
         c = _client(trained_server, name, protocol)
         for n in (1, mbs):
             x = images[:n]
-            _assert_parity(c.infer(x), _torch_outputs(model, x, spec.output_names), spec, f"{protocol} batch {n}")
+            _assert_parity(c.infer(x), _torch_outputs(model, x, spec), spec, f"{protocol} batch {n}")
         singles = [images[i:i + 1] for i in range(32)]
         got = c.infer_many(singles, concurrency=16)
-        ref = _torch_outputs(model, images[:32], spec.output_names)
+        ref = _torch_outputs(model, images[:32], spec)
         for i, g in enumerate(got):
             _assert_parity(g, {k: v[i:i + 1] for k, v in ref.items()}, spec, f"{protocol} concurrent {i}")

@@ -1,5 +1,6 @@
-"""TensorRT builder: parse errors name the node, profiles come from the spec, FP16 graphs reach TensorRT
-with the kept ops in fp32, engines carry metadata and a mismatched engine is refused.
+"""TensorRT (export.tensorrt): parse errors name the node, profiles come from each named input's Dims, the
+loaders compose into engines, FP16 graphs reach TensorRT with the kept ops in fp32, engines carry metadata,
+and a mismatched engine or a shape outside the profile is refused.
 
 These run in CI on CPU with TensorRT-RTX (ahead-of-time builds); the GPU tests at the end skip with a
 reason unless a CUDA GPU and TensorRT are both present."""
@@ -19,26 +20,45 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from export.tensorrt import (
+    CreateConfig,
     EngineBuildError,
+    EngineBytesFromNetwork,
     EngineMismatchError,
+    NetworkFromOnnxPath,
+    ProfileError,
+    SaveEngine,
     TensorRTParseError,
+    TensorRTRunner,
     TensorRTUnavailableError,
     build_engine,
     check_engine_compatible,
+    check_network_inputs,
     device_compute_capability,
+    engine_info_or_none,
     import_trt,
+    metadata_path,
     network_layer_precisions,
     normalize_cc,
     parse_onnx,
     profile_shapes,
     read_engine_info,
-    repository_plan,
     sha256,
     trt_available,
 )
 from tests.conftest import require_onnx
+from training import layout
 from training.paths import REPO_ROOT
-from training.registry import ExportOptions, ModelSpec, class_logits, get_spec, image_input, list_models
+from training.registry import (
+    Dim,
+    ExportOptions,
+    GraphSpec,
+    ModelSpec,
+    TensorSpec,
+    class_logits,
+    get_spec,
+    image_input,
+    list_models,
+)
 
 pytestmark = pytest.mark.skipif(not trt_available(), reason="neither tensorrt nor tensorrt_rtx is installed")
 
@@ -64,6 +84,38 @@ def tiny_spec(**export) -> ModelSpec:
         inputs=(image_input(),), outputs=(class_logits(),),
         export=ExportOptions(**({"fp16_keep_fp32_ops": ("MatMul", "Softmax")} | export)),
     )
+
+
+class TwoInput(nn.Module):
+    """Logits from an image, and the score of a class each request names (a per-sample int64 input)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor):
+        logits = self.fc(torch.relu(self.conv(image)).mean(dim=(2, 3)))
+        return logits, logits.gather(1, target)
+
+
+SIDES = Dim("height", 40, 56, 80), Dim("width", 32, 64, 72)
+TWO_INPUT = ModelSpec(
+    name="toy_two_input", family="test", builder=TwoInput, description="image + target class",
+    inputs=(TensorSpec("image", (1, *SIDES), "float32", "image"),
+            TensorSpec("target", (1,), "int64", "tensor", value_range=(0, 9))),
+    outputs=(class_logits(), TensorSpec("score", (1,), "float32", "tensor")),
+    export=ExportOptions(profile_batch=(2, 4, 16)),
+)
+
+
+@pytest.fixture(scope="module")
+def two_input_onnx(tmp_path_factory):
+    from export.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("trt2") / "model.onnx"
+    return export_onnx(TWO_INPUT, TWO_INPUT.builder().eval(), path, slim=False)
 
 
 @pytest.fixture(scope="module")
@@ -143,31 +195,76 @@ def test_parse_missing_file_is_one_line(tmp_path):
 # --------------------------------------------------------------------------------------------- profiles
 
 
-def test_profile_shapes_come_from_the_spec():
-    spec = tiny_spec(profile_batch=(2, 16, 32), profile_side=(40, 72, 128))
-    shapes = profile_shapes(spec, {"image": (-1, 1, -1, -1)})
-    assert shapes == {"image": ((2, 1, 40, 40), (16, 1, 72, 72), (32, 1, 128, 128))}
-    # Static spatial axes keep their size; only the batch ranges.
-    assert profile_shapes(spec, {"image": (-1, 1, 64, 64)}) == {"image": ((2, 1, 64, 64), (16, 1, 64, 64),
-                                                                         (32, 1, 64, 64))}
-    # A second, per-sample input (e.g. a target class) gets the batch range; static inputs need none.
-    assert profile_shapes(spec, {"image": (1, 1, 64, 64), "target": (-1,)}) == {"target": ((2,), (16,), (32,))}
+def test_profile_shapes_come_from_each_named_inputs_dims():
+    image = TensorSpec("image", (1, Dim("height", 40, 72, 128), Dim("width", 32, 64, 96)))
+    target = TensorSpec("target", (), "int64")  # one int per sample: only the batch ranges
+    mask = TensorSpec("mask", (3, 5), "float32")  # fixed per-sample axes stay fixed
+    graph = GraphSpec("g", (image, target, mask), (class_logits(),))
+    assert profile_shapes(graph, (2, 16, 32)) == {
+        "image": ((2, 1, 40, 32), (16, 1, 72, 64), (32, 1, 128, 96)),
+        "target": ((2,), (16,), (32,)),
+        "mask": ((2, 3, 5), (16, 3, 5), (32, 3, 5)),
+    }
+    spec = tiny_spec(profile_batch=(1, 8, 64))  # a spec's inputs, as a graph's
+    assert profile_shapes(spec, spec.export.profile_batch) == {"image": ((1, 1, 48, 48), (8, 1, 64, 64),
+                                                                         (64, 1, 96, 96))}
 
 
 def test_profile_refuses_dynamic_axes_without_a_range():
-    with pytest.raises(ValueError, match=r"input 'mask' axis 1"):
-        profile_shapes(tiny_spec(), {"image": (-1, 1, -1, -1), "mask": (-1, -1)})
+    graph = GraphSpec("g", (image_input(), TensorSpec("mask", (8, 3))), (class_logits(),))
+    network = {"image": (-1, 1, -1, -1), "mask": (-1, -1, 3)}  # the graph left mask's axis 1 dynamic
+    with pytest.raises(ProfileError, match=r"graph 'g': input 'mask' axis 1 is dynamic in the graph \[-1, -1, 3\] "
+                                           r"but the spec gives it no range \(it fixes it to 8\).*Dim"):
+        profile_shapes(graph, (1, 8, 64), network)
+    assert profile_shapes(graph, (1, 8, 64), {"image": (-1, 1, -1, -1), "mask": (-1, 8, 3)})["mask"][2] == (64, 8, 3)
     with pytest.raises(ValueError, match="ordered"):
-        profile_shapes(tiny_spec(profile_batch=(8, 1, 64)), {"image": (-1, 1, -1, -1)})
+        profile_shapes(tiny_spec(), (8, 1, 64))
+    with pytest.raises(ValueError, match="named more than once"):
+        profile_shapes([image_input(), image_input()], (1, 8, 64))
 
 
-def test_every_registered_spec_has_a_valid_profile():
-    for name in list_models():
-        spec = get_spec(name)
-        shapes = profile_shapes(spec, {spec.input.name: (-1, 1, -1, -1)})
-        lo, _, hi = shapes[spec.input.name]
-        assert lo[0] == spec.export.profile_batch[0] and hi[0] == spec.export.profile_batch[2]
-        assert lo[2] <= spec.train.canvas <= hi[2], name  # the trained size is inside the profile
+def test_profile_must_fit_the_parsed_network():
+    shapes = profile_shapes(tiny_spec(), (1, 8, 64))
+    check_network_inputs(shapes, {"image": (-1, 1, -1, -1)})
+    with pytest.raises(ProfileError, match=r"'image' axis 2 is fixed to 64 in the graph.*48\.\.96.*froze"):
+        check_network_inputs(shapes, {"image": (-1, 1, 64, 64)})
+    with pytest.raises(ProfileError, match=r"the spec lacks \['target'\]"):
+        check_network_inputs(shapes, {"image": (-1, 1, -1, -1), "target": (-1, 1)})
+    with pytest.raises(ProfileError, match="rank 3"):
+        check_network_inputs(shapes, {"image": (-1, -1, -1)})
+
+
+def test_two_input_profile_builds_and_flags_shapes_outside_it(two_input_onnx, tmp_path):
+    """A profile from each named input's Dims (an image and a fixed-shape int64 class input) lets TensorRT
+    build the engine; its sidecar then refuses shapes outside that profile, input by input."""
+    info = build_engine(two_input_onnx, TWO_INPUT, tmp_path / "model.plan", archs=("sm86",))
+    assert info.profile == {
+        "image": {"min": [2, 1, 40, 32], "opt": [4, 1, 56, 64], "max": [16, 1, 80, 72]},
+        "target": {"min": [2, 1], "opt": [4, 1], "max": [16, 1]},
+    }
+    assert [(t["name"], t["dtype"]) for t in info.inputs] == [("image", "float32"), ("target", "int64")]
+    assert [t["name"] for t in info.outputs] == ["logits", "score"]
+    assert info.model == "toy_two_input" and info.graph == "toy_two_input"
+    assert info.shape_problems({"image": (3, 1, 40, 72), "target": (3, 1)}) == []
+    problems = info.shape_problems({"image": (17, 1, 81, 64), "target": (1, 1)})
+    assert problems == [
+        "input 'image' shape [17, 1, 81, 64]: axis 0 is 17, outside 2..16, axis 2 is 81, outside 40..80 "
+        "(the engine's profile)",
+        "input 'target' shape [1, 1]: axis 0 is 1, outside 2..16 (the engine's profile)",
+    ]
+    assert info.shape_problems({"image": (2, 1, 40, 40)}) == ["input 'target' is missing"]
+    assert "not an input" in info.shape_problems({"image": (2, 1, 40, 40), "target": (2, 1), "x": (1,)})[0]
+
+
+def test_a_graph_that_froze_a_dynamic_axis_is_refused_before_building(tmp_path):
+    """Exported with only the batch dynamic, the graph cannot serve the spec's 48..96 sides: said in one line."""
+    path = tmp_path / "static.onnx"
+    torch.onnx.export(Tiny().eval(), (torch.rand(2, 1, 64, 64),), str(path), dynamo=True, opset_version=18,
+                      external_data=False, input_names=["image"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False)
+    with pytest.raises(ProfileError, match=r"static\.onnx: graph 'tiny': input 'image' axis 2 is fixed to 64"):
+        build_engine(path, tiny_spec(), tmp_path / "model.plan", archs=("sm86",))
+    assert not (tmp_path / "model.plan").exists()
 
 
 # --------------------------------------------------------------------------------------------- engines
@@ -187,6 +284,7 @@ def test_build_engine_writes_plan_and_metadata(tiny_onnx, tmp_path):
     assert meta["tf32"] is False and meta["built_at"]
     if flavour == "tensorrt_rtx" and device_compute_capability() is None:
         assert meta["aot"] is True and meta["triton_loadable"] is False and meta["timing_cache"] is None
+    assert meta["model"] == "tiny" and meta["graph"] == "tiny"
     assert read_engine_info(plan) == info
     assert "sm86,sm89" in info.label
 
@@ -251,11 +349,43 @@ def test_normalize_cc_accepts_common_spellings():
         normalize_cc("ampere")
 
 
-def test_repository_plan_reads_metadata(tiny_onnx, tmp_path):
-    assert repository_plan("tiny", tmp_path) is None
-    info = build_engine(tiny_onnx, tiny_spec(), tmp_path / "tiny" / "1" / "model.plan", archs=("sm86",))
-    found = repository_plan("tiny", tmp_path)
+def test_engine_info_or_none_reads_metadata(tiny_onnx, tmp_path):
+    """What the repository generator asks before serving a plan: its sidecar, or None when it cannot vouch."""
+    plan = layout.plan_path("tiny", tmp_path)
+    assert engine_info_or_none(plan) is None  # no plan
+    info = build_engine(tiny_onnx, tiny_spec(), plan, archs=("sm86",))
+    found = engine_info_or_none(plan)
     assert found == info and found.triton_loadable == (info.flavour == "tensorrt")
+    metadata_path(plan).write_text("{not json")
+    assert engine_info_or_none(plan) is None
+    metadata_path(plan).unlink()
+    assert engine_info_or_none(plan) is None  # a plan without metadata
+
+
+def test_loaders_compose_lazily_into_the_same_engine(tiny_onnx, tmp_path):
+    """Nothing runs until the outermost loader is called; composed by hand they build what build_engine builds."""
+    network = NetworkFromOnnxPath(tmp_path / "missing.onnx")  # not parsed yet: no error
+    with pytest.raises(FileNotFoundError, match="make export"):
+        network()
+    spec = tiny_spec()
+    reference = build_engine(tiny_onnx, spec, tmp_path / "a.plan", archs=("sm86",))
+    config = CreateConfig(profiles=lambda shapes: profile_shapes(spec, spec.export.profile_batch, shapes),
+                          archs=("sm86",))
+    info = SaveEngine(EngineBytesFromNetwork(NetworkFromOnnxPath(tiny_onnx), config), tmp_path / "b.plan",
+                      model="tiny")()
+    assert info.profile == reference.profile and info.compute_capabilities == ["8.6"]
+    assert info.plan_sha256 == reference.plan_sha256  # builds are deterministic
+    with pytest.raises(ProfileError, match=r"inputs \['image'\] are dynamic, and no profile was given"):
+        EngineBytesFromNetwork(NetworkFromOnnxPath(tiny_onnx), CreateConfig(archs=("sm86",)))()
+
+
+def test_runner_needs_a_gpu_and_says_so(tiny_onnx, tmp_path):
+    if device_compute_capability() is not None:
+        pytest.skip("a CUDA GPU is visible: the GPU tests below run the engine")
+    plan = tmp_path / "model.plan"
+    build_engine(tiny_onnx, tiny_spec(), plan, archs=("sm86",))
+    with pytest.raises(TensorRTUnavailableError, match="needs a CUDA GPU"):
+        TensorRTRunner(plan)
 
 
 # --------------------------------------------------------------------------------------------- exported models
@@ -266,15 +396,19 @@ def test_exported_model_parses_and_builds_fp32_and_fp16(name, tmp_path):
     """CI's TensorRT gate: every exported graph and its FP16 graph parse, and build ahead of time."""
     from export.fp16 import convert_to_fp16
 
-    fp32 = require_onnx(name)
+    require_onnx(name)
     spec = get_spec(name)
-    fp16 = convert_to_fp16(fp32, tmp_path / "model.fp16.onnx", spec.export.fp16_keep_fp32_ops)
-    parse_onnx(fp32)
-    parse_onnx(fp16)
     archs = None if device_compute_capability() else ("sm86",)
-    for precision, graph in (("fp32", fp32), ("fp16", fp16)):
-        info = build_engine(graph, spec, tmp_path / precision / "model.plan", archs=archs, precision=precision)
-        assert info.plan_bytes > 0 and info.profile[spec.input.name]["max"][0] == spec.export.profile_batch[2]
+    for g in spec.deploy_graphs():
+        fp32 = layout.onnx_path(spec.graph_model_name(g))
+        fp16 = convert_to_fp16(fp32, tmp_path / f"{g.name}.fp16.onnx", spec.export.fp16_keep_fp32_ops)
+        parse_onnx(fp32)
+        parse_onnx(fp16)
+        for precision, path in (("fp32", fp32), ("fp16", fp16)):
+            info = build_engine(path, spec, tmp_path / g.name / precision / "model.plan", archs=archs,
+                                precision=precision, graph=g)
+            assert info.plan_bytes > 0 and set(info.profile) == {t.name for t in g.inputs}
+            assert all(p["max"][0] == spec.export.profile_batch[2] for p in info.profile.values())
 
 
 def test_engines_cli_builds_aot_and_never_deploys_them(tmp_path):
@@ -288,7 +422,7 @@ def test_engines_cli_builds_aot_and_never_deploys_them(tmp_path):
     repo, art, rep = tmp_path / "repo", tmp_path / "artifacts", tmp_path / "reports"
     spec = get_spec("cnn")
     torch.manual_seed(0)
-    export_onnx(spec, spec.builder().eval(), repo / "cnn" / "1" / "model.onnx", slim=False)
+    export_onnx(spec, spec.builder().eval(), layout.onnx_path("cnn", repo), slim=False)
     env = os.environ | {"ATTNZOO_REPOSITORY": str(repo), "ATTNZOO_ARTIFACTS": str(art), "ATTNZOO_REPORTS": str(rep)}
     proc = subprocess.run([sys.executable, "-m", "export.engines", "cnn", "nonlocal_dot", "--archs", "sm86,sm89"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -300,9 +434,18 @@ def test_engines_cli_builds_aot_and_never_deploys_them(tmp_path):
     for precision in ("fp32", "fp16"):
         meta = json.loads((art / "engines" / "cnn" / precision / "model.plan.json").read_text())
         assert meta["compute_capabilities"] == ["8.6", "8.9"] and meta["aot"] is True
-    assert not (repo / "cnn" / "1" / "model.plan").exists()
+    assert not layout.plan_path("cnn", repo).exists()
     report = (rep / "engines.md").read_text()
     assert "| cnn | ok" in report and "NOT deployable" in report
+
+
+@pytest.mark.parametrize("module", ["export.engines", "export.gpu_check"])
+def test_clis_reject_an_unknown_model_in_one_line(module, capsys):
+    import importlib
+
+    assert importlib.import_module(module).main(["cnn", "no_such_model"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown model 'no_such_model'"), err
 
 
 @pytest.mark.slow
@@ -317,6 +460,9 @@ def test_gpu_check_smoke_runs_on_cpu(tmp_path):
     cnn = report["models"]["cnn"]
     assert cnn["parity"]["torch eager fp32 (cpu)"]["passed"]
     assert any(k.startswith("onnxruntime") and v["passed"] for k, v in cnn["parity"].items())
+    ort = next(v for k, v in cnn["parity"].items() if k.startswith("onnxruntime"))
+    assert set(ort["sides"]) == {str(s) for s in get_spec("cnn").checks.parity_sides}  # every size checked
+    assert set(ort["max_abs"]) == {"logits"}  # per named output, from the one comparator
     assert set(next(iter(cnn["latency"].values()))) == {"1", "8"}
     assert any("TensorRT" in s for s in cnn["skipped"])  # says what it skipped
     assert "| torch eager fp32 (cpu) |" in (tmp_path / "rep" / "gpu_check.md").read_text()
@@ -331,22 +477,43 @@ needs_gpu = pytest.mark.skipif(device_compute_capability() is None, reason="no C
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_matches_torch_on_gpu(tiny_onnx, tmp_path, precision):
-    from export.gpu_check import TrtRunner
+    from export.compare import Tolerance, compare
 
     spec = tiny_spec()
     try:
         build_engine(tiny_onnx, spec, tmp_path / "model.plan", precision=precision)
     except (EngineBuildError, TensorRTUnavailableError) as exc:
         pytest.skip(f"this TensorRT cannot build for this GPU: {exc}")
-    runner = TrtRunner(tmp_path / "model.plan", ["logits"])
+    runner = TensorRTRunner(tmp_path / "model.plan")
     x = np.random.default_rng(0).random((16, 1, 64, 64), dtype=np.float32)
     with torch.inference_mode():
-        ref = Tiny().eval()(torch.from_numpy(x)).numpy()
-    got = runner(x)[0]
-    if precision == "fp32":
-        assert np.abs(got - ref).max() <= spec.checks.trt_fp32_max_abs
-    else:
-        assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9 and np.isfinite(got).all()
+        ref = {"logits": Tiny().eval()(torch.from_numpy(x)).numpy()}
+    got = runner.infer({"image": x})
+    tol = Tolerance(spec.checks.trt_fp32_max_abs, None) if precision == "fp32" else Tolerance(None, 0.9)
+    result = compare(ref, got, spec.outputs, tol)
+    assert result.ok, result.failures
+    assert np.isfinite(got["logits"]).all()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_two_input_engine_runs_every_named_input_and_output(two_input_onnx, tmp_path):
+    from export.compare import Tolerance, compare
+    from export.runners import TorchRunner
+    from training.feeds import sample_feeds
+
+    try:
+        build_engine(two_input_onnx, TWO_INPUT, tmp_path / "model.plan")
+    except (EngineBuildError, TensorRTUnavailableError) as exc:
+        pytest.skip(f"this TensorRT cannot build for this GPU: {exc}")
+    runner = TensorRTRunner(tmp_path / "model.plan")
+    assert runner.input_names == ("image", "target") and set(runner.output_names) == {"logits", "score"}
+    feeds = {k: v[:8] for k, v in sample_feeds(TWO_INPUT, 8, side=48).items()}
+    ref = TorchRunner.for_spec(TWO_INPUT, TWO_INPUT.builder().eval()).infer(feeds)
+    result = compare(ref, runner.infer(feeds), TWO_INPUT.outputs, Tolerance(TWO_INPUT.checks.trt_fp32_max_abs, None))
+    assert result.ok, result.failures
+    with pytest.raises(ValueError, match=r"input 'image' shape \[8, 1, 96, 96\]: axis 2 is 96, outside 40\.\.80"):
+        runner.infer(sample_feeds(TWO_INPUT, 8, side=96))
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,14 +225,19 @@ def pin_fp32_layers(trt: Any, network: Any, onnx_path: Path, keep_ops: tuple[str
 
 
 class CreateConfig:
-    """Loader: ``(ParsedNetwork) -> EngineConfig``. Precision (strongly typed, or TensorRT 10's FP16 flag),
-    TF32 off, one optimization profile (``profiles``: ``profile_shapes(...)`` or a loader of it, checked
-    against the network's named inputs), target architectures (``archs``: TensorRT-RTX ahead-of-time targets;
-    None: the GPU at hand, else ``DEFAULT_AOT_ARCHS``) and the timing cache (True: the layout's per-flavour
-    file, a path: that file, False: none; full TensorRT only: TensorRT-RTX's are no-ops)."""
+    """Loader: ``(ParsedNetwork) -> EngineConfig``.
+
+    - precision: strongly typed (the graph's types decide), or TensorRT 10's FP16 flag; TF32 off;
+    - one optimization profile: ``profiles`` is ``profile_shapes(...)``, or a loader taking the network's
+      input shapes (``partial(profile_shapes, graph, batch)``); either is checked against the network;
+    - target architectures: ``archs`` are TensorRT-RTX ahead-of-time targets; None: the GPU at hand, else
+      ``DEFAULT_AOT_ARCHS``;
+    - timing cache: True: the layout's per-flavour file, a path: that file, False: none (full TensorRT only:
+      TensorRT-RTX's are no-ops).
+    """
 
     def __init__(self, precision: str = "fp32", fp16_style: str | None = None,
-                 profiles: ProfileShapes | Callable[[], ProfileShapes] | None = None,
+                 profiles: ProfileShapes | Callable[[dict[str, tuple[int, ...]]], ProfileShapes] | None = None,
                  archs: tuple[str, ...] | list[str] | None = None, timing_cache: bool | str | Path = True,
                  keep_fp32_ops: tuple[str, ...] = (), workspace_bytes: int = WORKSPACE_BYTES) -> None:
         if precision not in PRECISIONS:
@@ -269,13 +275,16 @@ class CreateConfig:
 
     def _profile(self, net: ParsedNetwork, cfg: Any) -> ProfileShapes:
         shapes = net.input_shapes()
-        profiles = invoke_if_callable(self.profiles)
-        if profiles is None:
-            dynamic = [n for n, s in shapes.items() if any(d < 0 for d in s)]
-            if dynamic:
-                raise ProfileError(f"{net.path}: inputs {dynamic} are dynamic, and no profile was given")
-            return {}
-        check_network_inputs(profiles, shapes, where=f"{net.path}: ")
+        try:
+            profiles = invoke_if_callable(self.profiles, shapes)
+            if profiles is None:
+                dynamic = [n for n, s in shapes.items() if any(d < 0 for d in s)]
+                if dynamic:
+                    raise ProfileError(f"inputs {dynamic} are dynamic, and no profile was given")
+                return {}
+            check_network_inputs(profiles, shapes)
+        except ProfileError as exc:
+            raise ProfileError(f"{net.path}: {exc}") from None
         prof = net.builder.create_optimization_profile()
         for name, (lo, opt, hi) in profiles.items():
             if any(d < 0 for d in shapes[name]):  # static inputs need no entry
@@ -531,7 +540,8 @@ def build_engine(
         raise ValueError(f"unknown fp16_style {fp16_style!r}; expected 'graph' or 'flag'")
     keep = tuple(spec.export.fp16_keep_fp32_ops)
     g = spec_graph(spec, graph)
-    profiles = profile_shapes(g, spec.export.profile_batch)  # refuses a bad spec before any work
+    profile_shapes(g, spec.export.profile_batch)  # refuses a bad spec before any work
+    profiles = partial(profile_shapes, g, spec.export.profile_batch)  # checked against the parsed graph
     config = CreateConfig(precision, fp16_style, profiles, archs, timing_cache, keep, workspace_bytes)
     trt, _ = import_trt(prefer)
     style = config.fp16_style

@@ -47,10 +47,15 @@ def _axis_range(t: TensorSpec, axis: int, a: Any, where: str) -> tuple[int, int,
     )
 
 
-def profile_shapes(inputs: Any, batch_range: Sequence[int]) -> ProfileShapes:
+def profile_shapes(inputs: Any, batch_range: Sequence[int],
+                   network_shapes: Mapping[str, Sequence[int]] | None = None) -> ProfileShapes:
     """``{input name: (min, opt, max)}`` for every named input of ``inputs`` (a ``GraphSpec``, a ``ModelSpec``,
     or an iterable of ``TensorSpec``): the batch axis ranges over ``batch_range``, each ``Dim`` over its own
-    min/opt/max, fixed axes stay fixed."""
+    min/opt/max, fixed axes stay fixed.
+
+    With ``network_shapes`` (the parsed graph's input shapes, -1 where dynamic) the profile is also checked
+    against the graph: a dynamic axis the spec gives no range for (a fixed size in the spec) is refused, and so
+    is everything ``check_network_inputs`` refuses."""
     tensors, where = _tensors(inputs)
     batch = _batch(batch_range, where)
     names = [t.name for t in tensors]
@@ -61,6 +66,17 @@ def profile_shapes(inputs: Any, batch_range: Sequence[int]) -> ProfileShapes:
     for t in tensors:
         ranges = [batch, *(_axis_range(t, i, a, where) for i, a in enumerate(t.axes))]
         profiles[t.name] = tuple(tuple(r[k] for r in ranges) for k in range(3))  # type: ignore[assignment]
+    if network_shapes is not None:
+        for t in tensors:
+            shape = list(network_shapes.get(t.name, ()))
+            for axis, d in enumerate(shape[1 : len(t.axes) + 1], start=1):
+                if d < 0 and not isinstance(t.axes[axis - 1], Dim):
+                    raise ProfileError(
+                        f"{where}input {t.name!r} axis {axis} is dynamic in the graph {shape} but the spec gives it "
+                        f"no range (it fixes it to {t.axes[axis - 1]}): declare it as Dim(name, min, opt, max), "
+                        "or export it fixed"
+                    )
+        check_network_inputs(profiles, network_shapes, where)
     return profiles
 
 
