@@ -117,7 +117,12 @@ class Client:
 
     def served_models(self) -> dict[str, dict]:
         """The repository index (an admin API: a locked server refuses it without the admin key)."""
-        index = self._client.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
+        from serving import admin
+
+        key = admin.read_key()
+        header = admin.GRPC_HEADER if self.protocol == "grpc" else admin.HTTP_HEADER
+        index = self._client.get_model_repository_index(headers={header: key} if key else None,
+                                                        **({"as_json": True} if self.protocol == "grpc" else {}))
         rows = index.get("models", []) if isinstance(index, dict) else index
         return {r["name"]: r for r in rows}
 

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from serving import admin
 from serving.cli import cli_error
 
 EXIT_TIMEOUT_S = 5
@@ -152,9 +153,10 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def _http(method: str, url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 10.0,
+          headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
@@ -205,7 +207,8 @@ class TritonServer:
                  host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, startup_timeout: float = 120.0, require_all: bool = False,
                  probe: bool = True, log_path: str | Path | None = None, verbose: int = 0,
-                 extra_args: Iterable[str] = (), cpus: Iterable[int] | None = None) -> None:
+                 extra_args: Iterable[str] = (), cpus: Iterable[int] | None = None,
+                 admin_key: str | None = None, key_file: Path | None = None) -> None:
         from serving.repository import served_models
         from training.layout import repository_root
 
@@ -220,6 +223,15 @@ class TritonServer:
         self.log_path: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.load_errors: dict[str, str] = {}
+        # Locks model control etc. (serving.admin); this object's own calls carry it.
+        self.admin_key = admin_key or admin.new_key()
+        self.key_file = key_file
+        # The python backend's shared-memory regions carry this prefix, so a dead server's are found and removed.
+        self.shm_prefix = f"attnzoo_{os.getpid()}_{id(self):x}_"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {admin.HTTP_HEADER: self.admin_key}
 
     # urls
     @property
@@ -251,6 +263,8 @@ class TritonServer:
             "--exit-on-error=false", "--strict-readiness=false",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={self.verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *admin.server_flags(self.admin_key),
         ]
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd + self.extra_args
@@ -265,6 +279,8 @@ class TritonServer:
             if not port_free(port, self.host):
                 raise ServerError(f"{what} port {self.host}:{port} is already in use (a server running already?)")
         runtime = prepare_runtime()
+        if self.key_file is not None:
+            admin.write_key(self.admin_key, self.key_file)
         if self._log_arg:
             self.log_path = self._log_arg
         else:
@@ -339,9 +355,31 @@ class TritonServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # its own session: takes the stub processes too
                 proc.wait()
+        self._reap(proc.pid)
         if proc.returncode == 0 and self._log_arg is None and self.log_path:
             self.log_path.unlink(missing_ok=True)  # our temp log; kept when the server did not exit cleanly
         return proc.returncode
+
+    def _reap(self, pgid: int) -> None:
+        """A python stub can outlive its server (parent pid 1, ignoring SIGTERM): kill what is left of the
+        server's session, and remove its shared-memory regions (named with this server's prefix)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+
+    def restart(self) -> float:
+        """Stop what is left of the server, start it again on the same ports and key; returns the seconds
+        until it serves again (ready, every model loaded and probed)."""
+        t0 = time.monotonic()
+        self.stop()
+        deadline = t0 + 30
+        while not all(port_free(p, self.host) for p in (self.http_port, self.grpc_port, self.metrics_port)):
+            if time.monotonic() > deadline:
+                raise ServerError("the old server's ports are still held after 30 s")
+            time.sleep(0.1)
+        self.start()
+        return time.monotonic() - t0
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -352,7 +390,7 @@ class TritonServer:
     # model control and health
     def model_states(self) -> dict[str, dict]:
         """Repository index: {model: {"state": READY|UNAVAILABLE|LOADING|..., "reason": str}}."""
-        code, body = _http("POST", self._v2("/repository/index"), {})
+        code, body = _http("POST", self._v2("/repository/index"), {}, headers=self.admin_headers)
         if code != 200:
             raise ServerError(f"repository index failed ({code}): {body}")
         return {m["name"]: m for m in body or []}
@@ -366,12 +404,14 @@ class TritonServer:
     def load(self, model: str, config: str | None = None) -> None:
         """(Re)load a model, optionally with a JSON config override; raises with Triton's reason."""
         body = {"parameters": {"config": config}} if config else {}
-        code, resp = _http("POST", self._v2(f"/repository/models/{model}/load"), body, timeout=120)
+        code, resp = _http("POST", self._v2(f"/repository/models/{model}/load"), body, timeout=120,
+                           headers=self.admin_headers)
         if code != 200:
             raise ServerError(f"model '{model}' failed to load: {resp.get('error', resp)}")
 
     def unload(self, model: str, wait: float = 30.0) -> None:
-        code, resp = _http("POST", self._v2(f"/repository/models/{model}/unload"), {}, timeout=60)
+        code, resp = _http("POST", self._v2(f"/repository/models/{model}/unload"), {}, timeout=60,
+                           headers=self.admin_headers)
         if code != 200:
             raise ServerError(f"model '{model}' failed to unload: {resp.get('error', resp)}")
         deadline = time.monotonic() + wait
@@ -415,6 +455,53 @@ class TritonServer:
         return out
 
 
+# ---------------------------------------------------------------------------------------------- supervisor
+
+
+class CrashLoopError(ServerError):
+    """The server died too often in too short a time: restarting it again would not help."""
+
+
+class Supervisor:
+    """Restarts a tritonserver that died (e.g. the HTTP frontend's std::bad_alloc on a request that claims a
+    huge tensor), with exponential backoff and a crash-loop limit, and says why it died.
+
+    ``check()`` is one look: it returns None while the server is alive, else a record of the restart
+    (``why``: the log's last error line, ``restart_s``: seconds until it served again)."""
+
+    def __init__(self, server: TritonServer, max_restarts: int = 5, window_s: float = 300.0,
+                 backoff_s: tuple[float, ...] = (0.5, 1, 2, 4, 8), log=None) -> None:
+        self.server, self.max_restarts, self.window_s, self.backoff_s = server, max_restarts, window_s, backoff_s
+        self.restarts: list[dict[str, Any]] = []
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def _why(self) -> str:
+        code = self.server.proc.returncode if self.server.proc else None
+        lines = [ln for ln in self.server.log_tail(40).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("E") or "terminate" in ln or "what()" in ln or "Signal" in ln]
+        detail = (errors or lines or ["no log"])[-1].strip()
+        sig = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return f"{sig}: {detail[:300]}"
+
+    def check(self) -> dict[str, Any] | None:
+        if self.server.alive():
+            return None
+        why = self._why()
+        now = time.monotonic()
+        recent = [r for r in self.restarts if now - r["at"] < self.window_s]
+        if len(recent) >= self.max_restarts:
+            raise CrashLoopError(f"tritonserver died {len(recent) + 1} times in {self.window_s:.0f} s; "
+                                 f"not restarting it again (last: {why})")
+        delay = self.backoff_s[min(len(recent), len(self.backoff_s) - 1)]
+        self.log(f"supervisor: tritonserver died ({why}); restarting in {delay:g} s")
+        time.sleep(delay)
+        seconds = self.server.restart()
+        record = {"at": now, "why": why, "backoff_s": delay, "restart_s": round(seconds, 2)}
+        self.restarts.append(record)
+        self.log(f"supervisor: serving again after {seconds:.1f} s (restart {len(self.restarts)})")
+        return record
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -433,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="start, probe every model, stop (a smoke test)")
     p.add_argument("--watchdog", type=float, default=10.0,
                    help="seconds between probe inferences that reload a model whose stub died (0: off)")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of a dead server allowed within 5 minutes before giving up (crash loop)")
     p.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
     p.add_argument("--verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -449,25 +538,26 @@ def main(argv: list[str] | None = None) -> int:
         server = TritonServer(args.repo, args.models, host=args.host, http_port=args.http_port,
                               grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                               startup_timeout=args.timeout, require_all=not args.allow_load_errors,
-                              log_path=args.log, verbose=args.verbose)
+                              log_path=args.log, verbose=args.verbose, key_file=admin.default_key_file())
         t0 = time.monotonic()
         server.start()
         print(f"tritonserver ready in {time.monotonic() - t0:.1f} s: http {server.http_url}, grpc {server.grpc_url}, "
-              f"metrics {server.metrics_url}; log {server.log_path}", flush=True)
+              f"metrics {server.metrics_url}; log {server.log_path}; admin APIs locked (key in "
+              f"{server.key_file}, or ${admin.KEY_ENV})", flush=True)
         for m, err in server.health().items():
             print(f"  {m}: {'ok' if err is None else 'ERROR ' + err}", flush=True)
         if args.check:
             return 0 if not any(server.health().values()) else 1
+        supervisor = Supervisor(server, max_restarts=args.max_restarts)
         next_check = time.monotonic() + args.watchdog
-        while server.alive():
+        while True:
             time.sleep(0.5)
+            supervisor.check()  # restarts a dead server; raises CrashLoopError past the limit
             if args.watchdog and time.monotonic() >= next_check:
                 # READY is not healthy: a dead python stub keeps its model READY while requests fail.
                 for m, err in server.heal().items():
                     print(f"watchdog: model '{m}' failed its probe ({err}); reloaded it", file=sys.stderr, flush=True)
                 next_check = time.monotonic() + args.watchdog
-        print(f"tritonserver exited unexpectedly; log {server.log_path}:\n{server.log_tail()}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
     except Exception as e:

@@ -451,11 +451,90 @@ def test_missing_or_corrupt_graph_is_a_load_error_naming_the_file(untrained, tmp
         _start(repo, ["cnn", "cnn_corrupt"], require_all=True)
 
 
+# -------------------------------------------------------------------------------------------- hardening
+
+
+def _evil_load_body(marker: Path) -> dict:
+    """A load request whose model.py comes inside the request and writes ``marker`` when it runs."""
+    import base64
+
+    source = (f"import pathlib\nclass TritonPythonModel:\n    def initialize(self, args):\n"
+              f"        pathlib.Path({str(marker)!r}).write_text('ran')\n    def execute(self, requests):\n"
+              f"        return []\n")
+    config = {"name": "evil", "backend": "python", "max_batch_size": 0,
+              "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
+              "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1]}]}
+    return {"parameters": {"config": json.dumps(config), "file:1/model.py": base64.b64encode(source.encode()).decode()}}
+
+
+@pytest.mark.server
+def test_admin_apis_are_locked_without_the_key(server, tmp_path):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from serving import admin
+    from serving.server import _http
+
+    marker = tmp_path / "ran"
+    v2 = f"http://{server.http_url}/v2"
+    code, body = _http("POST", f"{v2}/repository/models/evil/load", _evil_load_body(marker), timeout=60)
+    assert code == 403, body
+    assert _http("POST", f"{v2}/repository/models/cnn/unload", {})[0] == 403
+    assert _http("POST", f"{v2}/repository/index", {}, headers={admin.HTTP_HEADER: "wrong"})[0] == 403
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="admin-key"):
+        grpc.unload_model("cnn")
+    with pytest.raises(InferenceServerException):
+        grpc.get_model_repository_index()
+    time.sleep(0.5)
+    assert not marker.exists()  # nothing ran
+    assert server.health(["cnn"]) == {"cnn": None}  # and nothing was unloaded; inference stays open
+    # With the key the same calls work (the project's own heal/reload/bench use it).
+    assert grpc.get_model_repository_index(headers={admin.GRPC_HEADER: server.admin_key}) is not None
+    code, body = _http("POST", f"{v2}/repository/models/evil/load", _evil_load_body(marker), timeout=60,
+                       headers=server.admin_headers)
+    assert code == 200, body
+    assert marker.read_text() == "ran"
+    server.unload("evil")
+
+
+@pytest.mark.server
+def test_supervisor_restarts_a_server_killed_by_one_request_then_stops_a_crash_loop(untrained):
+    """The HTTP request that claims a 2.6 TB tensor aborts tritonserver 2.51 (std::bad_alloc); the supervisor
+    brings it back with every model, and gives up when it keeps dying."""
+    from serving.server import CrashLoopError, Supervisor, _http
+
+    srv = _start(untrained[0], require_all=True)
+    killer = {"inputs": [{"name": "image", "shape": [64, 1, 100000, 100000], "datatype": "FP32", "data": []}]}
+    logs: list[str] = []
+    sup = Supervisor(srv, max_restarts=1, window_s=300, backoff_s=(0.2,), log=logs.append)
+    try:
+        assert sup.check() is None
+        with pytest.raises(OSError):
+            _http("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
+        deadline = time.monotonic() + 30
+        while srv.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        record = sup.check()
+        assert record is not None and record["restart_s"] < 60
+        assert "signal 6" in record["why"] or "bad_alloc" in record["why"], record
+        assert srv.health() == {m: None for m in srv.models}
+        with pytest.raises(OSError):
+            _http("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
+        while srv.alive():
+            time.sleep(0.1)
+        with pytest.raises(CrashLoopError, match="died 2 times"):
+            sup.check()
+    finally:
+        srv.stop()
+    assert any("serving again" in line for line in logs)
+
+
 # ------------------------------------------------------------------------------------------- CLIs
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _run(*args: str, timeout: float = 120, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -481,12 +560,17 @@ def test_client_cli_png_npy_and_samples(server, tmp_path, protocol):
 
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((2, 3, 8, 8), np.float32))
-    cases = [(["--model", "nope", str(png)], "error: unknown model 'nope'; served models: cnn, passthrough")]
+    from serving import admin
+
+    with_key = {admin.KEY_ENV: server.admin_key}  # the repository index is an admin API
+    cases = [(["--model", "nope", str(png)], "error: unknown model 'nope'; served models: cnn, passthrough", with_key),
+             (["--model", "nope", str(png)], "error: model 'nope' is not served (or not ready)",
+              {admin.KEY_ENV: "not-the-key"})]
     if protocol == "grpc":  # file errors do not depend on the protocol
-        cases += [(["--model", "cnn", str(bad)], "expected [H, W], [1, H, W], [N, H, W] or [N, 1, H, W]"),
-                  (["--model", "cnn", str(tmp_path / "none.png")], "none.png: no such file")]
-    for args, expected in cases:
-        r = _run("-m", "serving.client", "--protocol", protocol, "--url", url, *args)
+        cases += [(["--model", "cnn", str(bad)], "expected [H, W], [1, H, W], [N, H, W] or [N, 1, H, W]", {}),
+                  (["--model", "cnn", str(tmp_path / "none.png")], "none.png: no such file", {})]
+    for args, expected, env in cases:
+        r = _run("-m", "serving.client", "--protocol", protocol, "--url", url, *args, env_extra=env)
         assert r.returncode == 1 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _run("-m", "serving.client", "--model", "cnn", "--url", f"127.0.0.1:{free_ports(1)[0]}", str(png),
              "--protocol", protocol)

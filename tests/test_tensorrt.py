@@ -396,11 +396,10 @@ def test_exported_model_parses_and_builds_fp32_and_fp16(name, tmp_path):
     """CI's TensorRT gate: every exported graph and its FP16 graph parse, and build ahead of time."""
     from export.fp16 import convert_to_fp16
 
-    require_onnx(name)
     spec = get_spec(name)
     archs = None if device_compute_capability() else ("sm86",)
     for g in spec.deploy_graphs():
-        fp32 = layout.onnx_path(spec.graph_model_name(g))
+        fp32 = require_onnx(spec.graph_model_name(g))
         fp16 = convert_to_fp16(fp32, tmp_path / f"{g.name}.fp16.onnx", spec.export.fp16_keep_fp32_ops)
         parse_onnx(fp32)
         parse_onnx(fp16)

@@ -8,8 +8,8 @@ shape inference, ``onnx.checker`` full check, every kept node fp32, output dtype
 
 Which converter (measured on every model's graph, the test graphs of tests/test_fp16.py and RA-CNN at
 sides 64/80/96; onnxruntime 1.32, onnxconverter-common 1.16, TensorRT-RTX 1.7.1): onnxruntime's copy is a
-drop-in for onnxconverter-common's (same outputs to the last bit once the passes below ran) and makes five
-of the old hand-written repairs unnecessary, so they are gone:
+drop-in for onnxconverter-common's (the same outputs, to the last digit, once the passes below ran) and
+makes these old hand-written repairs unnecessary, so they are gone:
 
 - the global monkeypatch of onnxconverter-common's last step (``remove_unnecessary_cast_node``, which raised
   "The downstream node of the second cast node should be graph output" when a kept op produces a graph
@@ -33,12 +33,12 @@ What is left, each with a test in tests/test_fp16.py that fails without it:
   refuses the graph (``test_each_pass_is_needed[keep_ops_without_fp16]``);
 - ``keep_int_to_float_casts`` (a size or index turned into a float stays fp32): TensorRT computes
   shape-derived values on the host, in fp32 only, so an int64 -> fp16 Cast of a shape fails the
-  TensorRT-RTX build ("ShapeHostToDeviceCopy ... output type must be ... kFLOAT") (``test_int_to_float
-  _casts_are_needed_by_tensorrt``); and fp16 holds integers exactly only up to 2048;
-- ``drop_value_info`` (the converter's value_info is stale after its Casts: a kept Gemm's output annotated
-  fp16 though it is fp32): else shape inference refuses the graph (``test_each_pass_is_needed``);
+  TensorRT-RTX build ("ShapeHostToDeviceCopy ... output type must be ... kFLOAT")
+  (``test_int_to_float_casts_are_needed_by_tensorrt``); and fp16 holds integers exactly only up to 2048;
+- ``drop_value_info`` (the converter annotates fp16 the fp32 weights it leaves to kept nodes: a kept Gemm's
+  weights): else shape inference refuses the graph (``test_each_pass_is_needed[drop_value_info]``);
 - ``sort_topologically`` (the converter appends its Casts at the end of the node list): else the graph
-  is not topologically sorted and shape inference and the checker refuse it (``test_each_pass_is_needed``);
+  is not topologically sorted and shape inference refuses it (``test_each_pass_is_needed[sort_topologically]``);
 - ``remove_cast_round_trips`` (the converter puts ``Cast(fp32)(Cast(fp16)(x))`` after a kept node whose
   output feeds another kept node or leaves the graph): else a kept MatMul's 1e5 goes through fp16 to inf
   and a kept Gemm's output is rounded to fp16 (``test_cast_round_trips_are_removed``).
