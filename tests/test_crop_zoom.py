@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.ort_custom_ops import crop_zoom_numpy, session_options
+from export.ort_custom_ops import crop_zoom_numpy
+from export.runners import OnnxRuntimeRunner
 from export.rewriters import CUSTOM_DOMAIN, CUSTOM_OP_TYPE, translation_table
 from training.ops import crop_zoom, crop_zoom_reference
 
@@ -150,12 +151,10 @@ def test_onnx_graph_ops(exported):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("size", [(64, 64), (80, 72)])
 def test_onnxruntime_parity(exported, batch, size):
-    import onnxruntime as ort
-
     custom, path = exported
-    sess = ort.InferenceSession(str(path), session_options(custom), providers=["CPUExecutionProvider"])
+    runner = OnnxRuntimeRunner(path, custom_ops=custom)
     image, box = _random_case(batch, 1, *size, seed=batch * 100 + size[1])
-    got = sess.run(None, {"image": image.numpy(), "box": box.numpy()})[0]
+    got = next(iter(runner.infer({"image": image.numpy(), "box": box.numpy()}).values()))
     ref = _Tiny()(image, box).numpy()
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= TOL

@@ -58,6 +58,12 @@ class Affinity(nn.Module):
         return self.fc(y), attn
 
 
+def grid_features(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Where the digit is: ``conv`` on a 4x4 grid of 12 px cells over the top-left 48 px (every input has
+    them), flattened. They differ from image to image, so the argmax does too."""
+    return torch.relu(conv(x[:, :, :48, :48])).flatten(1)
+
+
 class Loud(nn.Module):
     """Classifier weights around 1e5: past fp16's 65504, so an all-fp16 graph clamps them and loses the
     argmax (the converter warns; the gate refuses)."""
@@ -65,27 +71,25 @@ class Loud(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.conv = nn.Conv2d(1, 16, 3, stride=4, padding=1)
-        self.fc = nn.Linear(16, 10)
-        nn.init.normal_(self.fc.weight, std=3e4)
+        self.conv = nn.Conv2d(1, 4, 12, stride=12)
+        self.fc = nn.Linear(64, 10)
+        nn.init.normal_(self.fc.weight, std=1e5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        return self.fc(grid_features(self.conv, x))
 
 
-class LoudScales(nn.Module):
+class LoudScales(Loud):
     """Sound logits [N, 10] and loud per-scale logits [N, 3, 10]: only the rank-3 output breaks in fp16."""
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(1, 16, 3, stride=4, padding=1)
-        self.fc = nn.Linear(16, 10)
-        self.scales = nn.Linear(16, 30)
-        nn.init.normal_(self.scales.weight, std=3e4)
+        nn.init.normal_(self.fc.weight, std=1.0)
+        self.scales = nn.Linear(64, 30)
+        nn.init.normal_(self.scales.weight, std=1e5)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = torch.relu(self.conv(x)).mean((2, 3))
+        f = grid_features(self.conv, x)
         return self.fc(f), self.scales(f).unflatten(1, (3, 10))
 
 
@@ -296,7 +300,7 @@ def test_gate_refuses_an_fp16_graph_below_the_bar(graphs, artifacts, tmp_path):
     with pytest.raises(Fp16AgreementError, match=r"loud_test.*'logits'.*fp16_keep_fp32_ops"):
         fp16_gate(loud_spec(), torch_model, fp32, n=64)
     bad = fp16_gate(loud_spec(), torch_model, fp32, n=64, raise_on_fail=False)
-    assert not bad["passed"] and bad["agreement"] < 0.5
+    assert not bad["passed"] and bad["agreement"] < 0.9
     # Keeping the classifier's Gemm in fp32 (its output leaves the graph in fp32) repairs it.
     good = fp16_gate(loud_spec(("Gemm",)), torch_model, {"loud_test": fp32}, n=64)  # does not raise
     assert good["passed"] and good["nonfinite"]["logits"] == 0 and good["agreement"] >= 0.995

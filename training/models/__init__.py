@@ -1,6 +1,8 @@
-"""One file per mechanism family; importing this package registers every model."""
+"""One file per mechanism family; importing this package imports every module in it, which registers its
+models (timm's habit): adding a family is adding one file here."""
 
-from training.models import (
-    nonlocal_net,  # noqa: F401
-    racnn,  # noqa: F401
-)
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
