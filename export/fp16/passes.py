@@ -168,7 +168,10 @@ def keep_int_to_float_casts(model: Any, plan: Fp16Plan) -> int:
 def convert(model: Any, plan: Fp16Plan) -> int:
     """onnxruntime's converter with the plan's block lists (replacing its default list: ML ops and ops some
     runtimes once lacked fp16 kernels for), fp32 I/O, and constants clamped at fp16's real range (65504; a
-    weight beyond it is logged: the agreement gate shows the cost). Returns the Casts it added."""
+    weight beyond it is logged: the agreement gate shows the cost). Returns the Casts it added.
+
+    (Importing it appends onnxruntime/transformers to ``sys.path``, as that package's ``__init__`` does:
+    appended, so it shadows nothing.)"""
     from onnx import numpy_helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
 

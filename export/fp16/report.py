@@ -55,7 +55,8 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
                   "yes" if s["is_spec"] else ""] for s in r["sweep"]],
             ), ""]
         for graph, p in (r.get("probe") or {}).items():
-            parts += [f"## {name}: graph {graph}: nodes where fp16 drift starts (all in fp16)", ""]
+            title = name if graph == name else f"{name}, graph {graph}"
+            parts += [f"## {title}: nodes where fp16 drift starts (all in fp16)", ""]
             parts += [md_table(
                 ["node", "op", "fp32 max |x|", "rel err", "input rel err", "gain", "overflow"],
                 [[x["node"], x["op"], f"{x['fp32_max_abs']:.3g}", f"{x['rel_err']:.2e}", f"{x['input_rel_err']:.2e}",

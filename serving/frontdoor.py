@@ -1,0 +1,760 @@
+"""The front door: a small KServe v2 HTTP service for untrusted clients, in front of Triton's gRPC port.
+
+tritonserver 2.51's HTTP JSON path allocates the claimed tensor size before it validates anything (a request
+with shape [64, 1, 100000, 100000] and ``"data": []`` aborts the server with std::bad_alloc) and answers
+malformed requests with 500. The front door speaks the same protocol (JSON bodies and the binary-tensor
+extension, so ``tritonclient.http`` works against it unchanged), and before anything is allocated it:
+
+- refuses a body over the limit from its Content-Length, and stops reading a streamed body at the limit (413);
+- checks every input against the model's config, fetched from Triton over gRPC: name, datatype, rank, fixed
+  dims, batch within ``max_batch_size``, each dynamic axis within the config parameter ``input_bounds``, and
+  that the claimed element count matches the data sent; refuses NaN/Inf, non-numbers, zero or negative dims
+  (400 with ``{"error": "<one line>"}``; 404 for an unknown model);
+- forwards what passes to Triton over gRPC, which checks byte sizes before allocating, and maps Triton's
+  INVALID_ARGUMENT to 400, NOT_FOUND to 404, UNAVAILABLE to 503.
+
+Triton's own ports stay on 127.0.0.1; the front door's port is the one to expose.
+
+    python -m serving.frontdoor [--host 127.0.0.1] [--port 8080] [--triton-grpc 127.0.0.1:8001] [--max-body-mib 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import itertools
+import json
+import math
+import re
+import signal
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+from serving.cli import cli_error
+
+DEFAULT_PORT = 8080
+DEFAULT_TRITON_GRPC = "127.0.0.1:8001"
+DEFAULT_BODY_LIMIT = 64 * 2**20
+CONFIG_TTL_S = 5.0  # a reloaded model's new config is picked up within this
+OFFLOAD_BYTES = 2**20  # bodies above this are parsed in a worker thread, off the event loop
+MAX_RANK = 16
+MAX_ID = 256
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+
+NUMPY_TYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+ITEM_SIZE = {**{k: np.dtype(v).itemsize for k, v in NUMPY_TYPES.items()}, "BF16": 2}
+GRPC_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+               grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+
+
+class RequestError(Exception):
+    """A request refused with an HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join((text or "").split("\n\nAt:")[0].split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": _one_line(message)}, status_code=status)
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(400, message)
+
+
+def _count(text: str) -> int | None:
+    """A header's non-negative integer (ASCII digits only), else None."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else None
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int  # bool is not a dim
+
+
+# ------------------------------------------------------------------------------------- model rules
+
+
+@dataclass(frozen=True)
+class InputRule:
+    name: str
+    datatype: str
+    dims: tuple[int, ...]  # per sample; -1 dynamic
+    bounds: dict[int, tuple[int, int]]  # per-sample axis -> [min, max]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ModelRules:
+    name: str
+    max_batch_size: int
+    inputs: dict[str, InputRule]
+    outputs: tuple[str, ...]
+
+    @staticmethod
+    def from_config(cfg: Any) -> ModelRules:
+        def dtype(t: int) -> str:
+            name = mc.DataType.Name(t).removeprefix("TYPE_")
+            return "BYTES" if name == "STRING" else name
+
+        try:
+            raw = json.loads(cfg.parameters["input_bounds"].string_value or "{}") if "input_bounds" in \
+                cfg.parameters else {}
+            bounds = {k: {int(a): (int(r[0]), int(r[1])) for a, r in v.items()} for k, v in raw.items()}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            bounds = {}  # a malformed parameter: Triton's own checks still apply
+        inputs = {i.name: InputRule(i.name, dtype(i.data_type), tuple(int(d) for d in i.dims),
+                                    bounds.get(i.name, {}), bool(i.optional)) for i in cfg.input}
+        return ModelRules(cfg.name, int(cfg.max_batch_size), inputs, tuple(o.name for o in cfg.output))
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes
+
+
+@dataclass
+class Output:
+    name: str
+    binary: bool | None = None  # None: the request's binary_data_output
+    class_count: int = 0
+
+
+@dataclass
+class Parsed:
+    inputs: list[Tensor]
+    outputs: list[Output] = field(default_factory=list)
+    binary_output: bool = False
+    request_id: str = ""
+
+
+# ---------------------------------------------------------------------------------- request parsing
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """The JSON header and the binary tail (binary-tensor extension)."""
+    if header_length is None:
+        head, tail = body, b""
+    else:
+        n = _count(header_length)
+        if n is None or n > len(body):
+            raise _bad(f"{HEADER_LENGTH} {header_length[:40]!r} is not a length within the {len(body)}-byte body")
+        head, tail = body[:n], body[n:]
+    try:
+        request = json.loads(head, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise _bad(f"request body is not valid JSON: {_one_line(str(e), 120)}") from None
+    if not isinstance(request, dict):
+        raise _bad("request body must be a JSON object with 'inputs'")
+    return request, tail
+
+
+def _flatten(data: list, rank: int, where: str) -> list:
+    for _ in range(rank):
+        if not data or type(data[0]) is not list:
+            break
+        if not all(type(x) is list for x in data):
+            raise _bad(f"{where}: 'data' mixes nested lists and values")
+        data = list(itertools.chain.from_iterable(data))
+    return data
+
+
+def _json_raw(flat: list, datatype: str, where: str) -> bytes:
+    kinds = set(map(type, flat))
+    if datatype == "BYTES":
+        if not kinds <= {str}:
+            raise _bad(f"{where} (BYTES): 'data' must hold strings")
+        return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode() for s in flat))
+    if datatype == "BF16":
+        raise _bad(f"{where}: BF16 must be sent as binary data")
+    np_type = NUMPY_TYPES[datatype]
+    allowed = {bool} if datatype == "BOOL" else {int, float} if datatype.startswith("FP") else {int}
+    if not kinds <= allowed:
+        found = ", ".join(sorted(k.__name__ for k in kinds - allowed))
+        want = "true/false" if datatype == "BOOL" else "numbers" if datatype.startswith("FP") else "integers"
+        raise _bad(f"{where} ({datatype}): 'data' holds {found} values; send {want}")
+    try:
+        with np.errstate(all="ignore"):
+            if datatype.startswith(("INT", "UINT")):
+                wide = np.asarray(flat, dtype=np.int64 if datatype != "UINT64" else np.uint64)
+                info = np.iinfo(np_type)
+                if wide.size and (wide.min() < info.min or wide.max() > info.max):
+                    raise _bad(f"{where} ({datatype}): values outside {info.min}..{info.max}")
+                arr = wide.astype(np_type)
+            else:
+                arr = np.asarray(flat, dtype=np_type)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise _bad(f"{where} ({datatype}): {_one_line(str(e), 120)}") from None
+    _check_finite(arr, datatype, where)
+    return arr.tobytes()
+
+
+def _check_finite(arr: np.ndarray, datatype: str, where: str) -> None:
+    if datatype == "BF16":
+        bad = int(np.count_nonzero((arr.view(np.uint16) & 0x7F80) == 0x7F80))
+    elif datatype.startswith("FP"):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    else:
+        return
+    if bad:
+        raise _bad(f"{where} ({datatype}): {bad} NaN/Inf value(s) of {arr.size}; send finite values")
+
+
+def _binary_raw(tail: memoryview, offset: int, size: int, count: int, datatype: str, where: str) -> bytes:
+    if offset + size > len(tail):
+        raise _bad(f"{where}: binary_data_size {size} runs past the {len(tail)} bytes of binary data sent")
+    raw = tail[offset:offset + size]
+    if datatype == "BYTES":
+        pos = 0
+        for _ in range(count):
+            if pos + 4 > size or pos + 4 + struct.unpack_from("<I", raw, pos)[0] > size:
+                raise _bad(f"{where} (BYTES): binary data holds fewer than {count} length-prefixed strings")
+            pos += 4 + struct.unpack_from("<I", raw, pos)[0]
+        if pos != size:
+            raise _bad(f"{where} (BYTES): {size - pos} bytes after the {count} strings")
+        return bytes(raw)
+    if size != count * ITEM_SIZE[datatype]:
+        raise _bad(f"{where} ({datatype}): binary_data_size {size} != {count} elements x {ITEM_SIZE[datatype]} bytes")
+    if datatype in ("BF16", "FP16", "FP32", "FP64"):
+        _check_finite(np.frombuffer(raw, dtype=np.uint16 if datatype == "BF16" else NUMPY_TYPES[datatype]),
+                      datatype, where)
+    return bytes(raw)
+
+
+def _check_shape(rules: ModelRules, rule: InputRule, shape: object, where: str) -> list[int]:
+    batched = rules.max_batch_size > 0
+    want = len(rule.dims) + batched
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise _bad(f"{where}: 'shape' must be a list of integers")
+    if len(shape) != want:
+        expect = ", ".join((["batch"] if batched else []) + [("?" if d < 0 else str(d)) for d in rule.dims])
+        raise _bad(f"{where} shape {shape[:MAX_RANK]}: rank {len(shape)}, the model takes rank {want} [{expect}]")
+    if any(d <= 0 for d in shape):
+        raise _bad(f"{where} shape {shape}: every dim must be >= 1")
+    if batched and shape[0] > rules.max_batch_size:
+        raise _bad(f"{where} shape {shape}: batch {shape[0]} exceeds max_batch_size {rules.max_batch_size}")
+    for axis, (got, dim) in enumerate(zip(shape[batched:], rule.dims, strict=True)):
+        if dim >= 0 and got != dim:
+            raise _bad(f"{where} shape {shape}: axis {axis + batched} is {got}, the model takes {dim}")
+        lo, hi = rule.bounds.get(axis, (1, None))
+        if got < lo or (hi is not None and got > hi):
+            raise _bad(f"{where} shape {shape}: axis {axis + batched} is {got}, must be in {lo}..{hi} "
+                       "(the model's allowed range)")
+    return shape
+
+
+def _parse_outputs(request: dict, rules: ModelRules) -> tuple[list[Output], bool]:
+    params = request.get("parameters", {})
+    if not isinstance(params, dict):
+        raise _bad("request 'parameters' must be an object")
+    binary_all = params.get("binary_data_output", False)
+    if type(binary_all) is not bool:
+        raise _bad("parameter 'binary_data_output' must be true or false")
+    items = request.get("outputs", [])
+    if not isinstance(items, list):
+        raise _bad("'outputs' must be a list")
+    outputs: list[Output] = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _bad(f"model '{rules.name}': each requested output must be an object with a 'name'")
+        name, p = item["name"], item.get("parameters", {})
+        if name not in rules.outputs:
+            raise _bad(f"model '{rules.name}' has no output {name[:80]!r} (outputs: {', '.join(rules.outputs)})")
+        if name in {o.name for o in outputs}:
+            raise _bad(f"model '{rules.name}': output '{name}' requested twice")
+        if not isinstance(p, dict):
+            raise _bad(f"model '{rules.name}': output '{name}' parameters must be an object")
+        if any(k.startswith("shared_memory") for k in p):
+            raise _bad(f"model '{rules.name}': output '{name}': shared memory is not offered here")
+        binary, k = p.get("binary_data"), p.get("classification", 0)
+        if binary is not None and type(binary) is not bool:
+            raise _bad(f"model '{rules.name}': output '{name}' binary_data must be true or false")
+        if not _is_int(k) or not 0 <= k <= 2**31 - 1:
+            raise _bad(f"model '{rules.name}': output '{name}' classification must be a count >= 0")
+        outputs.append(Output(name, binary, k))
+    return outputs, binary_all
+
+
+def parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
+    """Validate a decoded v2 request against the model's rules; nothing sized by the claim is allocated
+    before the claim is checked against the data actually sent."""
+    m = rules.name
+    rid = request.get("id", "")
+    if not isinstance(rid, str) or len(rid) > MAX_ID:
+        raise _bad(f"model '{m}': 'id' must be a string of at most {MAX_ID} characters")
+    items = request.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise _bad(f"model '{m}': 'inputs' must be a non-empty list (inputs: {', '.join(rules.inputs)})")
+    outputs, binary_all = _parse_outputs(request, rules)
+    view, offset, tensors, batch = memoryview(tail), 0, [], set()
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _bad(f"model '{m}': each input must be an object with a 'name'")
+        name = item["name"]
+        where = f"model '{m}': input '{name[:80]}'"
+        rule = rules.inputs.get(name)
+        if rule is None:
+            raise _bad(f"model '{m}' has no input {name[:80]!r} (inputs: {', '.join(rules.inputs)})")
+        if name in {t.name for t in tensors}:
+            raise _bad(f"{where} sent twice")
+        datatype = item.get("datatype")
+        if datatype != rule.datatype:
+            raise _bad(f"{where}: datatype {str(datatype)[:20]!r}, the model takes {rule.datatype}")
+        shape = _check_shape(rules, rule, item.get("shape"), where)
+        count = math.prod(shape)
+        params = item.get("parameters", {})
+        if not isinstance(params, dict):
+            raise _bad(f"{where}: 'parameters' must be an object")
+        if any(k.startswith("shared_memory") for k in params):
+            raise _bad(f"{where}: shared memory is not offered here")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not _is_int(size) or size < 0:
+                raise _bad(f"{where}: binary_data_size must be a byte count")
+            if "data" in item:
+                raise _bad(f"{where}: send either 'data' or binary_data_size, not both")
+            raw = _binary_raw(view, offset, size, count, datatype, f"{where} shape {shape}")
+            offset += size
+        else:
+            data = item.get("data")
+            if not isinstance(data, list):
+                raise _bad(f"{where}: 'data' must be a list (or send binary data with binary_data_size)")
+            flat = _flatten(data, len(shape), where)
+            if len(flat) != count:
+                raise _bad(f"{where} shape {shape} ({datatype}): needs {count} values, 'data' holds {len(flat)}")
+            raw = _json_raw(flat, datatype, f"{where} shape {shape}")
+        if rules.max_batch_size > 0:
+            batch.add(shape[0])
+        tensors.append(Tensor(name, datatype, shape, raw))
+    missing = [n for n, r in rules.inputs.items() if not r.optional and n not in {t.name for t in tensors}]
+    if missing:
+        raise _bad(f"model '{m}': missing input(s) {', '.join(missing)}")
+    if len(batch) > 1:
+        raise _bad(f"model '{m}': inputs disagree on the batch size ({sorted(batch)})")
+    if offset != len(tail):
+        raise _bad(f"model '{m}': {len(tail) - offset} bytes of binary data beyond the inputs' binary_data_size")
+    return Parsed(tensors, outputs, binary_all, rid)
+
+
+def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo a gzip/deflate Content-Encoding (tritonclient's request_compression_algorithm), bounded."""
+    enc = (encoding or "identity").strip().lower()
+    if enc == "identity":
+        return body
+    if enc not in ("gzip", "deflate"):
+        raise RequestError(415, f"Content-Encoding {enc[:20]!r} is not supported (gzip, deflate)")
+    d = zlib.decompressobj(zlib.MAX_WBITS | (16 if enc == "gzip" else 0))
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise _bad(f"request body is not valid {enc}: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise RequestError(413, f"decompressed request body exceeds the {limit}-byte limit")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- responses
+
+
+def _json_values(raw: bytes, datatype: str) -> list:
+    if datatype == "BYTES":
+        out, pos = [], 0
+        while pos + 4 <= len(raw):
+            n = struct.unpack_from("<I", raw, pos)[0]
+            out.append(raw[pos + 4:pos + 4 + n].decode(errors="replace"))
+            pos += 4 + n
+        return out
+    if datatype == "BF16":
+        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).tolist()
+    return np.frombuffer(raw, NUMPY_TYPES[datatype]).tolist()
+
+
+def infer_response(resp: Any, parsed: Parsed) -> Response:
+    """Triton's gRPC answer as the v2 HTTP answer: JSON, or JSON + binary tail where asked."""
+    wanted = {o.name: o for o in parsed.outputs}
+    outputs, tail = [], []
+    for i, o in enumerate(resp.outputs):
+        raw = resp.raw_output_contents[i] if i < len(resp.raw_output_contents) else b""
+        ask = wanted.get(o.name)
+        binary = parsed.binary_output if ask is None or ask.binary is None else ask.binary
+        item: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
+        if binary:
+            item["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        else:
+            item["data"] = _json_values(raw, o.datatype)
+        outputs.append(item)
+    body: dict[str, Any] = {"id": resp.id} if resp.id else {}
+    body.update(model_name=resp.model_name, model_version=resp.model_version, outputs=outputs)
+    head = json.dumps(body, separators=(",", ":")).encode()
+    if not tail:
+        return Response(head, media_type="application/json")
+    return Response(b"".join([head, *tail]), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(head))})
+
+
+def _dims_to_int(node: Any) -> Any:
+    """MessageToDict writes int64 fields as strings; Triton's HTTP config has numbers for dims."""
+    if isinstance(node, dict):
+        return {k: ([int(d) for d in v] if k in ("dims", "shape") and isinstance(v, list) else _dims_to_int(v))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_dims_to_int(v) for v in node]
+    return node
+
+
+# -------------------------------------------------------------------------------------- Triton (gRPC)
+
+
+class Triton:
+    """Triton's gRPC API and a short-lived cache of model rules; create inside the serving event loop."""
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.url, self.timeout = url, timeout
+        self.channel = grpc.aio.insecure_channel(url, options=GRPC_OPTIONS)
+        self.stub = pbg.GRPCInferenceServiceStub(self.channel)
+        self._rules: dict[tuple[str, str], tuple[float, ModelRules]] = {}
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            status = GRPC_STATUS.get(e.code(), 502)
+            msg = e.details() or str(e.code())
+            if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in msg.lower():
+                msg = f"triton at {self.url} is unavailable: {msg}"
+            raise RequestError(status, msg) from None
+
+    async def rules(self, model: str, version: str = "") -> ModelRules:
+        if not MODEL_NAME.fullmatch(model) or not (version == "" or version.isdigit()):
+            raise RequestError(404, f"unknown model {model[:80]!r}")
+        key, now = (model, version), time.monotonic()
+        hit = self._rules.get(key)
+        if hit and hit[0] > now:
+            return hit[1]
+        cfg = (await self.call("ModelConfig", pb.ModelConfigRequest(name=model, version=version))).config
+        rules = ModelRules.from_config(cfg)
+        self._rules[key] = (now + CONFIG_TTL_S, rules)
+        return rules
+
+    async def infer(self, model: str, version: str, parsed: Parsed) -> Any:
+        req = pb.ModelInferRequest(model_name=model, model_version=version, id=parsed.request_id)
+        for t in parsed.inputs:
+            req.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+            req.raw_input_contents.append(t.raw)
+        for o in parsed.outputs:
+            out = req.outputs.add(name=o.name)
+            if o.class_count:
+                out.parameters["classification"].int64_param = o.class_count
+        return await self.call("ModelInfer", req)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+# -------------------------------------------------------------------------------------------- the app
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+    "datatype": {"type": "string", "enum": [*NUMPY_TYPES, "BF16", "BYTES"]},
+    "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+    "data": {"type": "array"}}}
+_INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string", "maxLength": MAX_ID},
+    "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+    "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "parameters": {"type": "object", "properties": {
+            "binary_data": {"type": "boolean"}, "classification": {"type": "integer", "minimum": 0}}}}}}}}
+_INFER_OPENAPI = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _INFER_REQUEST},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": f"JSON header ({HEADER_LENGTH} bytes), then the "
+                                                           "inputs' binary data in order"}}}},
+    "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer"}}]}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "v2 inference response (JSON, or JSON header + binary outputs)",
+          "content": {"application/json": {"schema": {"type": "object"}}}},
+    **{code: {"model": ErrorBody, "description": what} for code, what in (
+        (400, "invalid request"), (404, "unknown model"), (413, "body over the limit"),
+        (415, "unsupported Content-Encoding"), (503, "Triton unavailable"))}}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) from its Content-Length, or once a streamed body passes the limit."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        n = _count(length)
+        if n is None:
+            raise _bad("Content-Length is not a number")
+        if n > limit:
+            raise RequestError(413, f"request body of {n} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT_BODY_LIMIT,
+               timeout: float = 30.0) -> FastAPI:
+    state: dict[str, Triton] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        state["triton"] = Triton(triton_grpc, timeout)
+        yield
+        await state["triton"].close()
+
+    app = FastAPI(title="attention-zoo front door", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="KServe v2 HTTP inference in front of Triton's gRPC port; validates before forwarding.")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        return _error(e.status, str(e))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        return _error(500, f"internal error in the front door: {type(e).__name__}")
+
+    @app.get("/v2/health/live", responses={503: {"model": ErrorBody}})
+    async def live() -> Response:
+        ok = (await state["triton"].call("ServerLive", pb.ServerLiveRequest())).live
+        return Response(status_code=200) if ok else _error(503, "triton is not live")
+
+    @app.get("/v2/health/ready", responses={503: {"model": ErrorBody}})
+    async def ready() -> Response:
+        ok = (await state["triton"].call("ServerReady", pb.ServerReadyRequest())).ready
+        return Response(status_code=200) if ok else _error(503, "triton is not ready")
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        md = await state["triton"].call("ServerMetadata", pb.ServerMetadataRequest())
+        return {"name": "frontdoor", "version": md.version, "extensions": ["binary_tensor_data", "classification"]}
+
+    async def metadata(model: str, request: Request) -> dict:
+        version = request.path_params.get("version", "")
+        await state["triton"].rules(model, version)  # name check, 404 for an unknown model
+        md = await state["triton"].call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version))
+
+        def tensors(ts: Any) -> list[dict]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
+
+        return {"name": md.name, "versions": list(md.versions), "platform": md.platform,
+                "inputs": tensors(md.inputs), "outputs": tensors(md.outputs)}
+
+    async def config(model: str, request: Request) -> dict:
+        version = request.path_params.get("version", "")
+        await state["triton"].rules(model, version)
+        cfg = await state["triton"].call("ModelConfig", pb.ModelConfigRequest(name=model, version=version))
+        return _dims_to_int(json_format.MessageToDict(cfg.config, preserving_proto_field_name=True))
+
+    async def model_ready(model: str, request: Request) -> Response:
+        version = request.path_params.get("version", "")
+        await state["triton"].rules(model, version)
+        ok = (await state["triton"].call("ModelReady", pb.ModelReadyRequest(name=model, version=version))).ready
+        return Response(status_code=200) if ok else _error(503, f"model '{model}' is not ready")
+
+    async def infer(model: str, request: Request) -> Response:
+        version, triton = request.path_params.get("version", ""), state["triton"]
+        rules = await triton.rules(model, version)
+        body = decode_body(await read_body(request, body_limit), request.headers.get("content-encoding"),
+                           body_limit)
+        header_length = request.headers.get(HEADER_LENGTH.lower())
+
+        def parse() -> Parsed:
+            return parse_request(*split_body(body, header_length), rules)
+
+        parsed = await asyncio.to_thread(parse) if len(body) > OFFLOAD_BYTES else parse()
+        return infer_response(await triton.infer(model, version, parsed), parsed)
+
+    errors = {404: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+    version_param = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    for prefix, extra in (("/v2/models/{model}", []), ("/v2/models/{model}/versions/{version}", [version_param])):
+        for path, handler in (("", metadata), ("/config", config), ("/ready", model_ready)):
+            app.add_api_route(prefix + path, handler, methods=["GET"], responses=errors,
+                              openapi_extra={"parameters": extra} if extra else None)
+        app.add_api_route(prefix + "/infer", infer, methods=["POST"], response_class=Response,
+                          responses=_INFER_RESPONSES,
+                          openapi_extra={**_INFER_OPENAPI, "parameters": [*extra, *_INFER_OPENAPI["parameters"]]})
+    return app
+
+
+# ------------------------------------------------------------------------------- running and measuring
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                    timeout: float = 15.0) -> Iterator[str]:
+    """Run ``app`` on uvicorn in a background thread (tests, benchmarks); yields ``host:port``."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="frontdoor", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"front door did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+def _hostport(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+    return host, int(port)
+
+
+def _post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    conn.request("POST", path, body, headers)
+    resp = conn.getresponse()
+    resp.read()
+    dt = (time.perf_counter() - t0) * 1e3
+    if resp.status != 200:
+        raise RuntimeError(f"POST {conn.host}:{conn.port}{path} answered {resp.status}")
+    return dt
+
+
+def measure_overhead(direct_http: str, frontdoor_http: str, model: str, n: int = 200, *,
+                     binary: bool = False, warmup: int = 10) -> dict[str, Any]:
+    """Latency of the same request sent straight to Triton's HTTP port and through the front door,
+    interleaved one by one on kept-alive connections. The request is the model's own probe (zeros at the
+    warm-up dims, batch 1). Returns {"direct": {p50, p95, p99, mean}, "frontdoor": {...}, ...} in ms."""
+    from export.timing import percentiles
+    from serving.server import _http, probe_inputs
+
+    code, cfg = _http("GET", f"http://{direct_http.removeprefix('http://')}/v2/models/{model}/config")
+    if code != 200:
+        raise RuntimeError(f"model '{model}': config not available from {direct_http} ({code})")
+    inputs = probe_inputs(cfg)
+    headers = {"Content-Type": "application/json"}
+    if binary:
+        tails = []
+        for i in inputs:
+            tails.append(np.asarray(i.pop("data"), dtype=NUMPY_TYPES[i["datatype"]]).tobytes())
+            i["parameters"] = {"binary_data_size": len(tails[-1])}
+        head = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
+        body, headers = b"".join([head, *tails]), {"Content-Type": "application/octet-stream",
+                                                   HEADER_LENGTH: str(len(head))}
+    else:
+        body = json.dumps({"inputs": inputs}).encode()
+    path = f"/v2/models/{model}/infer"
+    conns = {k: http.client.HTTPConnection(*_hostport(u), timeout=30)
+             for k, u in (("direct", direct_http), ("frontdoor", frontdoor_http))}
+    samples: dict[str, list[float]] = {k: [] for k in conns}
+    try:
+        for i in range(warmup + n):
+            for k, conn in conns.items():
+                dt = _post(conn, path, body, headers)
+                if i >= warmup:
+                    samples[k].append(dt)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    out: dict[str, Any] = {"model": model, "n": n, "binary": binary, "request_bytes": len(body)}
+    out.update({k: percentiles(v) for k, v in samples.items()})
+    out["overhead_p50_ms"] = out["frontdoor"]["p50"] - out["direct"]["p50"]
+    return out
+
+
+def format_overhead(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']} ({'binary' if r['binary'] else 'JSON'}, {r['request_bytes']} B, n={r['n']}):"
+             f"   p50     p95     p99 (ms)"]
+    for k, label in (("direct", "triton http direct"), ("frontdoor", "via front door")):
+        p = r[k]
+        lines.append(f"  {label:<20} {p['p50']:7.3f} {p['p95']:7.3f} {p['p99']:7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.frontdoor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to expose it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--triton-grpc", default=DEFAULT_TRITON_GRPC, metavar="URL", help="Triton's gRPC host:port")
+    p.add_argument("--max-body-mib", type=float, default=DEFAULT_BODY_LIMIT / 2**20, help="request body limit")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call to Triton")
+    p.add_argument("--max-connections", type=int, default=64, help="concurrent connections before 503")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    try:
+        limit = int(args.max_body_mib * 2**20)
+        app = create_app(args.triton_grpc, limit, args.timeout)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               access_log=False, limit_concurrency=args.max_connections))
+        startup = server.startup
+
+        async def announce(sockets: Any = None) -> None:
+            await startup(sockets)
+            if server.started:
+                print(f"front door on http://{args.host}:{args.port} -> triton grpc {args.triton_grpc} "
+                      f"(body limit {limit / 2**20:g} MiB)", flush=True)
+
+        server.startup = announce  # type: ignore[method-assign]
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal: make that a clean exit.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        server.run()
+        return 0 if server.started else 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:
+        return cli_error(e, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
