@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report serve bench bench-export test test-fast lint gpu-check clean samples
+.PHONY: install train export repository engines fp16-report serve frontdoor bench bench-export test test-fast lint gpu-check clean samples
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ fp16-report: $(STAMP)
 
 serve: $(STAMP)
 	$(PY) -m serving.server
+
+# The validating HTTP front door (port 8080) in front of `make serve`'s gRPC port: the port to expose.
+frontdoor: $(STAMP)
+	$(PY) -m serving.frontdoor
 
 bench: $(STAMP)
 	$(PY) -m serving.bench

@@ -13,7 +13,8 @@ extension, so ``tritonclient.http`` works against it unchanged), and before anyt
 - forwards what passes to Triton over gRPC, which checks byte sizes before allocating, and maps Triton's
   INVALID_ARGUMENT to 400, NOT_FOUND to 404, UNAVAILABLE to 503.
 
-Triton's own ports stay on 127.0.0.1; the front door's port is the one to expose.
+Request parameters other than ``binary_data_output`` (priority, timeout, sequences, custom ones) and shared
+memory are not forwarded. Triton's own ports stay on 127.0.0.1; the front door's port is the one to expose.
 
     python -m serving.frontdoor [--host 127.0.0.1] [--port 8080] [--triton-grpc 127.0.0.1:8001] [--max-body-mib 64]
 """
@@ -131,8 +132,8 @@ class ModelRules:
             return "BYTES" if name == "STRING" else name
 
         try:
-            raw = json.loads(cfg.parameters["input_bounds"].string_value or "{}") if "input_bounds" in \
-                cfg.parameters else {}
+            text = cfg.parameters["input_bounds"].string_value if "input_bounds" in cfg.parameters else ""
+            raw = json.loads(text or "{}")
             bounds = {k: {int(a): (int(r[0]), int(r[1])) for a, r in v.items()} for k, v in raw.items()}
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             bounds = {}  # a malformed parameter: Triton's own checks still apply
@@ -466,14 +467,17 @@ class Triton:
             raise RequestError(status, msg) from None
 
     async def rules(self, model: str, version: str = "") -> ModelRules:
-        if not MODEL_NAME.fullmatch(model) or not (version == "" or version.isdigit()):
-            raise RequestError(404, f"unknown model {model[:80]!r}")
+        if not MODEL_NAME.fullmatch(model) or not (version == "" or (version.isascii() and version.isdigit()
+                                                                      and len(version) < 19)):
+            raise RequestError(404, f"unknown model {model[:80]!r}" + (f" version {version[:20]!r}" if version else ""))
         key, now = (model, version), time.monotonic()
         hit = self._rules.get(key)
         if hit and hit[0] > now:
             return hit[1]
         cfg = (await self.call("ModelConfig", pb.ModelConfigRequest(name=model, version=version))).config
         rules = ModelRules.from_config(cfg)
+        if len(self._rules) >= 256:  # only served models get here, but versions ("1", "01", ...) are many
+            self._rules.clear()
         self._rules[key] = (now + CONFIG_TTL_S, rules)
         return rules
 

@@ -368,6 +368,43 @@ class TritonServer:
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
 
+    def _children(self) -> list[tuple[int, str]]:
+        """(pid, command line) of the server's child processes (its python-backend stubs)."""
+        out = []
+        if self.proc is None:
+            return out
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == self.proc.pid:
+                out.append((int(d.name), cmd))
+        return out
+
+    def stub_pids(self, model: str) -> list[int]:
+        """The python-backend stub processes serving ``model``."""
+        from training import layout
+
+        stub_file = str(layout.version_dir(model, self.repository) / layout.BACKEND_FILE)
+        return [pid for pid, cmd in self._children() if stub_file in cmd]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and all its stubs."""
+        total = 0
+        pids = ([self.proc.pid] if self.proc else []) + [pid for pid, _ in self._children()]
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                continue
+        return total
+
     def restart(self) -> float:
         """Stop what is left of the server, start it again on the same ports and key; returns the seconds
         until it serves again (ready, every model loaded and probed)."""

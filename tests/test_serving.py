@@ -199,8 +199,13 @@ def untrained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(untrained):
+    import gc
+
     srv = _start(untrained[0])
     yield srv
+    # Clients the tests left open (held by exception tracebacks) keep HTTP connections: Triton waits for
+    # open connections until its exit timeout, then exits 1. Collect them first, as a closing client would.
+    gc.collect()
     assert srv.stop() == 0  # a clean SIGTERM shutdown
     assert all(port_free(p) for p in (srv.http_port, srv.grpc_port, srv.metrics_port))
 
@@ -283,6 +288,8 @@ def _bad_inputs() -> dict[str, tuple[dict[str, np.ndarray], str]]:
         "nan": ({"image": nan}, "input 'image' has 1 NaN/Inf value(s)"),
         "inf": ({"image": inf}, "input 'image' has 1 NaN/Inf value(s)"),
         "empty_batch": ({"image": np.zeros((0, 1, 64, 64), np.float32)}, "'image'"),
+        "tiny_image": ({"image": np.zeros((1, 1, 1, 1), np.float32)}, "must be in 48..96"),
+        "huge_image": ({"image": np.zeros((1, 1, 4096, 4096), np.float32)}, "must be in 48..96"),
     }
 
 
@@ -363,19 +370,7 @@ def test_load_test_5000_requests_no_errors_every_response_matched(server, protoc
 
 
 def _stub_pids(server: TritonServer, model: str) -> list[int]:
-    """The python-backend stub processes (children of tritonserver) serving ``model``."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server.proc.pid and f"/{model}/1/model.py" in cmd:
-            pids.append(int(d.name))
-    return pids
+    return server.stub_pids(model)
 
 
 @pytest.mark.server
