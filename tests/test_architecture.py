@@ -249,3 +249,25 @@ def test_every_cli_rejects_an_unknown_model_with_one_line(module):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown model 'no_such_model'" in lines[0], out.stderr
+
+
+def test_the_readme_model_is_one_file_that_exports_and_passes_parity(tmp_path, monkeypatch):
+    """The README's "Adding a model" example, run as written: it registers a spec that every stage takes."""
+    import re
+
+    from training.paths import REPO_ROOT
+
+    code = re.search(r"```python\n(# training/models/tiny.py\n.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    assert code, "README: the 'Adding a model' example is missing"
+    registered: list[ModelSpec] = []
+    monkeypatch.setattr("training.registry.register_model", registered.append)  # keep the real registry clean
+    exec(compile(code.group(1), "README.md", "exec"), {"__name__": "readme_tiny"})
+    (spec,) = registered
+    model = spec.builder().eval()
+    path = export_onnx(spec, model, tmp_path / "tiny.onnx")
+    assert not check_parity(spec, model, path).failures
+    repo = tmp_path / "repo"
+    layout.onnx_path(spec.name, repo).parent.mkdir(parents=True)
+    layout.onnx_path(spec.name, repo).write_bytes(path.read_bytes())
+    written = {p.name for p in rep.write_model(spec, "cpu", repo)}
+    assert written == {"config.pbtxt", "model.py"}
