@@ -106,7 +106,8 @@ def print_summary(rows: list[ExportSummary]) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    header = f"{'model':<20} {'weights':<11} {'parity max|err|':>15} {'agree':>6} {'export s':>8} {'fp16 agree':>10}  tensorrt"
+    header = (f"{'model':<20} {'weights':<11} {'parity max|err|':>15} {'agree':>6} {'export s':>8} "
+              f"{'fp16 agree':>10}  tensorrt")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -189,9 +189,9 @@ def run_python_client(model: str, url: str, protocol: str, concurrency: int, inp
 
 
 def server_counts(server, model: str) -> tuple[int, int]:
-    from serving.server import _http
+    from serving.server import http_json
 
-    code, body = _http("GET", f"http://{server.http_url}/v2/models/{model}/stats")
+    code, body = http_json("GET", f"http://{server.http_url}/v2/models/{model}/stats")
     st = body["model_stats"][0] if code == 200 else {}
     return int(st.get("inference_count", 0)), int(st.get("execution_count", 0))
 
@@ -418,10 +418,8 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
     import torch
 
     from serving.server import TritonServer, free_ports
-    from training.registry import list_models
-
     from training import layout
-    from training.registry import get_spec
+    from training.registry import get_spec, list_models
 
     src = layout.repository_root(repo_dir)
     notes: list[str] = []

@@ -241,7 +241,7 @@ def _check_finite(arr: np.ndarray, datatype: str, where: str) -> None:
         raise _bad(f"{where} ({datatype}): {bad} NaN/Inf value(s) of {arr.size}; send finite values")
 
 
-def _binary_raw(tail: memoryview, offset: int, size: int, count: int, datatype: str, where: str) -> bytes:
+def binary_raw(tail: memoryview, offset: int, size: int, count: int, datatype: str, where: str) -> bytes:
     if offset + size > len(tail):
         raise _bad(f"{where}: binary_data_size {size} runs past the {len(tail)} bytes of binary data sent")
     raw = tail[offset:offset + size]
@@ -354,7 +354,7 @@ def parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
                 raise _bad(f"{where}: binary_data_size must be a byte count")
             if "data" in item:
                 raise _bad(f"{where}: send either 'data' or binary_data_size, not both")
-            raw = _binary_raw(view, offset, size, count, datatype, f"{where} shape {shape}")
+            raw = binary_raw(view, offset, size, count, datatype, f"{where} shape {shape}")
             offset += size
         else:
             data = item.get("data")
@@ -397,7 +397,7 @@ def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
 # ---------------------------------------------------------------------------------------- responses
 
 
-def _json_values(raw: bytes, datatype: str) -> list:
+def json_values(raw: bytes, datatype: str) -> list:
     if datatype == "BYTES":
         out, pos = [], 0
         while pos + 4 <= len(raw):
@@ -423,7 +423,7 @@ def infer_response(resp: Any, parsed: Parsed) -> Response:
             item["parameters"] = {"binary_data_size": len(raw)}
             tail.append(raw)
         else:
-            item["data"] = _json_values(raw, o.datatype)
+            item["data"] = json_values(raw, o.datatype)
         outputs.append(item)
     body: dict[str, Any] = {"id": resp.id} if resp.id else {}
     body.update(model_name=resp.model_name, model_version=resp.model_version, outputs=outputs)
@@ -681,9 +681,9 @@ def measure_overhead(direct_http: str, frontdoor_http: str, model: str, n: int =
     interleaved one by one on kept-alive connections. The request is the model's own probe (zeros at the
     warm-up dims, batch 1). Returns {"direct": {p50, p95, p99, mean}, "frontdoor": {...}, ...} in ms."""
     from export.timing import percentiles
-    from serving.server import _http, probe_inputs
+    from serving.server import http_json, probe_inputs
 
-    code, cfg = _http("GET", f"http://{direct_http.removeprefix('http://')}/v2/models/{model}/config")
+    code, cfg = http_json("GET", f"http://{direct_http.removeprefix('http://')}/v2/models/{model}/config")
     if code != 200:
         raise RuntimeError(f"model '{model}': config not available from {direct_http} ({code})")
     inputs = probe_inputs(cfg)

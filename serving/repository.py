@@ -359,7 +359,8 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
             if cfg.platform == "ensemble":
                 layout.version_dir(d.triton_name, root).mkdir(parents=True, exist_ok=True)  # Triton requires it
             else:
-                written.append(_copy(BACKEND_PIPELINE_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
+                dst = layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE
+                written.append(_copy(BACKEND_PIPELINE_PY, dst))
             continue
         onnx_file = layout.onnx_path(d.triton_name, root)
         if spec.name == FLOOR_MODEL and not onnx_file.exists():

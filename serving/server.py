@@ -153,7 +153,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
-def _http(method: str, url: str, body: dict | None = None, timeout: float = 10.0,
+def http_json(method: str, url: str, body: dict | None = None, timeout: float = 10.0,
           headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
@@ -312,7 +312,7 @@ class TritonServer:
 
     def live(self) -> bool:
         try:
-            return _http("GET", self._v2("/health/live"), timeout=2)[0] == 200
+            return http_json("GET", self._v2("/health/live"), timeout=2)[0] == 200
         except OSError:
             return False
 
@@ -427,13 +427,13 @@ class TritonServer:
     # model control and health
     def model_states(self) -> dict[str, dict]:
         """Repository index: {model: {"state": READY|UNAVAILABLE|LOADING|..., "reason": str}}."""
-        code, body = _http("POST", self._v2("/repository/index"), {}, headers=self.admin_headers)
+        code, body = http_json("POST", self._v2("/repository/index"), {}, headers=self.admin_headers)
         if code != 200:
             raise ServerError(f"repository index failed ({code}): {body}")
         return {m["name"]: m for m in body or []}
 
     def model_config(self, model: str) -> dict:
-        code, body = _http("GET", self._v2(f"/models/{model}/config"))
+        code, body = http_json("GET", self._v2(f"/models/{model}/config"))
         if code != 200:
             raise ServerError(f"model '{model}': {body.get('error', body) if isinstance(body, dict) else body}")
         return body
@@ -441,13 +441,13 @@ class TritonServer:
     def load(self, model: str, config: str | None = None) -> None:
         """(Re)load a model, optionally with a JSON config override; raises with Triton's reason."""
         body = {"parameters": {"config": config}} if config else {}
-        code, resp = _http("POST", self._v2(f"/repository/models/{model}/load"), body, timeout=120,
+        code, resp = http_json("POST", self._v2(f"/repository/models/{model}/load"), body, timeout=120,
                            headers=self.admin_headers)
         if code != 200:
             raise ServerError(f"model '{model}' failed to load: {resp.get('error', resp)}")
 
     def unload(self, model: str, wait: float = 30.0) -> None:
-        code, resp = _http("POST", self._v2(f"/repository/models/{model}/unload"), {}, timeout=60,
+        code, resp = http_json("POST", self._v2(f"/repository/models/{model}/unload"), {}, timeout=60,
                            headers=self.admin_headers)
         if code != 200:
             raise ServerError(f"model '{model}' failed to unload: {resp.get('error', resp)}")
@@ -474,7 +474,8 @@ class TritonServer:
         """A real inference (not just the READY flag); returns None if it worked, else the error."""
         try:
             cfg = self.model_config(model)
-            code, body = _http("POST", self._v2(f"/models/{model}/infer"), {"inputs": probe_inputs(cfg)}, timeout=30)
+            body = {"inputs": probe_inputs(cfg)}
+            code, body = http_json("POST", self._v2(f"/models/{model}/infer"), body, timeout=30)
         except (OSError, ServerError) as e:
             return str(e)
         return None if code == 200 else str(body.get("error", body) if isinstance(body, dict) else body)

@@ -124,7 +124,7 @@ def toy_repo(tmp_path_factory):
 def test_two_input_graph_has_both_named_inputs_with_their_dynamic_axes(toy_repo):
     import onnx
 
-    repo, files = toy_repo
+    _, files = toy_repo
     proto = onnx.load(files["toy_two_input"]["toy_two_input"])
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims == {"image": ["batch", 1, "height", "width"], "target": ["batch", 1]}
@@ -190,9 +190,9 @@ def test_input_outside_the_spec_bounds_is_refused_naming_the_range(toy_server):
     feeds = sample_feeds(TWO_INPUT, 1, 64)
     feeds["image"] = np.zeros((1, 1, 8, 8), np.float32)
     with Client(TWO_INPUT.name, "grpc", toy_server.grpc_url) as client:
-        with pytest.raises(Exception, match="48..96"):
+        with pytest.raises(Exception, match=r"48\.\.96"):
             client.infer(feeds, validate=False)  # the server's own check
-        with pytest.raises(Exception, match="48..96"):
+        with pytest.raises(Exception, match=r"48\.\.96"):
             client.infer(feeds)  # the client's, from the config's input_bounds
     assert toy_server.health([TWO_INPUT.name]) == {TWO_INPUT.name: None}
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from export.ort_custom_ops import crop_zoom_numpy
-from export.runners import OnnxRuntimeRunner
 from export.rewriters import CUSTOM_DOMAIN, CUSTOM_OP_TYPE, translation_table
+from export.runners import OnnxRuntimeRunner
 from training.ops import crop_zoom, crop_zoom_reference
 
 TOL = 1e-4

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from training.data import _split_indices, make_split, save_sample_grid
+from training.data import make_split, save_sample_grid, split_indices
 
 
 def test_shapes_ranges_and_determinism():
@@ -27,7 +27,7 @@ def test_boxes_and_masks_agree():
 
 
 def test_train_and_test_use_disjoint_source_digits():
-    assert not set(_split_indices("train")) & set(_split_indices("test"))
+    assert not set(split_indices("train")) & set(split_indices("test"))
 
 
 def test_bad_arguments_name_the_problem():

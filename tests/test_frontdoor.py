@@ -423,12 +423,12 @@ def test_bytes_helpers_roundtrip():
     """The length-prefixed BYTES layout the front door checks is the one tritonclient writes."""
     from tritonclient.utils import serialize_byte_tensor
 
-    from serving.frontdoor import _binary_raw, _json_values
+    from serving.frontdoor import binary_raw, json_values
 
     arr = np.array([b"ab", b"", b"xyz"], dtype=object)
     raw = serialize_byte_tensor(arr).item()
     assert raw == b"".join(struct.pack("<I", len(s)) + s for s in arr)
-    assert _binary_raw(memoryview(raw), 0, len(raw), 3, "BYTES", "t") == raw
-    assert _json_values(raw, "BYTES") == ["ab", "", "xyz"]
+    assert binary_raw(memoryview(raw), 0, len(raw), 3, "BYTES", "t") == raw
+    assert json_values(raw, "BYTES") == ["ab", "", "xyz"]
     with pytest.raises(RequestError, match="fewer than 4"):
-        _binary_raw(memoryview(raw), 0, len(raw), 4, "BYTES", "t")
+        binary_raw(memoryview(raw), 0, len(raw), 4, "BYTES", "t")

@@ -216,11 +216,11 @@ def test_server_ready_every_model_answers_a_probe(server):
     assert server.health() == {"cnn": None, "passthrough": None}
     import urllib.request
 
-    from serving.server import _http
+    from serving.server import http_json
 
     with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
         assert b"nv_inference_request_success" in r.read()
-    code, meta = _http("GET", f"http://{server.http_url}/v2")
+    code, meta = http_json("GET", f"http://{server.http_url}/v2")
     assert code == 200 and meta["version"].startswith("2.51")
 
 
@@ -468,14 +468,14 @@ def test_admin_apis_are_locked_without_the_key(server, tmp_path):
     from tritonclient.utils import InferenceServerException
 
     from serving import admin
-    from serving.server import _http
+    from serving.server import http_json
 
     marker = tmp_path / "ran"
     v2 = f"http://{server.http_url}/v2"
-    code, body = _http("POST", f"{v2}/repository/models/evil/load", _evil_load_body(marker), timeout=60)
+    code, body = http_json("POST", f"{v2}/repository/models/evil/load", _evil_load_body(marker), timeout=60)
     assert code == 403, body
-    assert _http("POST", f"{v2}/repository/models/cnn/unload", {})[0] == 403
-    assert _http("POST", f"{v2}/repository/index", {}, headers={admin.HTTP_HEADER: "wrong"})[0] == 403
+    assert http_json("POST", f"{v2}/repository/models/cnn/unload", {})[0] == 403
+    assert http_json("POST", f"{v2}/repository/index", {}, headers={admin.HTTP_HEADER: "wrong"})[0] == 403
     grpc = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException, match="admin-key"):
         grpc.unload_model("cnn")
@@ -486,7 +486,7 @@ def test_admin_apis_are_locked_without_the_key(server, tmp_path):
     assert server.health(["cnn"]) == {"cnn": None}  # and nothing was unloaded; inference stays open
     # With the key the same calls work (the project's own heal/reload/bench use it).
     assert grpc.get_model_repository_index(headers={admin.GRPC_HEADER: server.admin_key}) is not None
-    code, body = _http("POST", f"{v2}/repository/models/evil/load", _evil_load_body(marker), timeout=60,
+    code, body = http_json("POST", f"{v2}/repository/models/evil/load", _evil_load_body(marker), timeout=60,
                        headers=server.admin_headers)
     assert code == 200, body
     assert marker.read_text() == "ran"
@@ -497,7 +497,7 @@ def test_admin_apis_are_locked_without_the_key(server, tmp_path):
 def test_supervisor_restarts_a_server_killed_by_one_request_then_stops_a_crash_loop(untrained):
     """The HTTP request that claims a 2.6 TB tensor aborts tritonserver 2.51 (std::bad_alloc); the supervisor
     brings it back with every model, and gives up when it keeps dying."""
-    from serving.server import CrashLoopError, Supervisor, _http
+    from serving.server import CrashLoopError, Supervisor, http_json
 
     srv = _start(untrained[0], require_all=True)
     killer = {"inputs": [{"name": "image", "shape": [64, 1, 100000, 100000], "datatype": "FP32", "data": []}]}
@@ -506,7 +506,7 @@ def test_supervisor_restarts_a_server_killed_by_one_request_then_stops_a_crash_l
     try:
         assert sup.check() is None
         with pytest.raises(OSError):
-            _http("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
+            http_json("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
         deadline = time.monotonic() + 30
         while srv.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -515,7 +515,7 @@ def test_supervisor_restarts_a_server_killed_by_one_request_then_stops_a_crash_l
         assert "signal 6" in record["why"] or "bad_alloc" in record["why"], record
         assert srv.health() == {m: None for m in srv.models}
         with pytest.raises(OSError):
-            _http("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
+            http_json("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
         while srv.alive():
             time.sleep(0.1)
         with pytest.raises(CrashLoopError, match="died 2 times"):

@@ -29,7 +29,7 @@ def _source_digits() -> tuple[np.ndarray, np.ndarray]:
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-def _split_indices(split: str) -> np.ndarray:
+def split_indices(split: str) -> np.ndarray:
     images, _ = _source_digits()
     order = np.random.default_rng(12345).permutation(len(images))  # fixed: splits never overlap
     n_test = int(len(images) * TEST_FRACTION)
@@ -55,7 +55,7 @@ def make_split(split: str, n: int, canvas: int = 64, seed: int = 0) -> dict[str,
 @lru_cache(maxsize=8)
 def _make_split(split: str, n: int, canvas: int, seed: int) -> dict[str, np.ndarray]:
     targets = _source_digits()[1]
-    pool = _split_indices(split)
+    pool = split_indices(split)
     # Distinct streams per split so that train/test never share a layout either.
     rng = np.random.default_rng([seed, SPLITS.index(split), canvas])
     images = np.zeros((n, 1, canvas, canvas), np.float32)

@@ -51,7 +51,8 @@ class TritonPythonModel:
         except Exception as e:  # onnxruntime raises its own types for corrupt/unreadable graphs
             raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file: {e}") from None
         # {input: {per-sample axis: [min, max]}}: the dynamic axes' allowed sizes (the TensorRT profile's range)
-        self.bounds = {k: {int(a): r for a, r in v.items()} for k, v in json.loads(params.get("input_bounds") or "{}").items()}
+        bounds = json.loads(params.get("input_bounds") or "{}")
+        self.bounds = {k: {int(a): r for a, r in v.items()} for k, v in bounds.items()}
 
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
