@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report serve frontdoor bench bench-export test test-fast lint gpu-check clean samples
+.PHONY: install train export repository engines fp16-report serve frontdoor bench bench-export test test-fast lint gpu-check clean samples reliability
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,3 +64,6 @@ samples: $(STAMP)
 
 clean:
 	rm -rf artifacts model_repository/*/ reports/*.json
+
+reliability: $(STAMP)
+	$(PY) -m serving.reliability

@@ -356,7 +356,7 @@ def test_client_side_errors_are_one_line(server, protocol):
 def test_load_test_5000_requests_no_errors_every_response_matched(server, protocol):
     """5,000 requests at concurrency 16 on the floor model: zero errors, each output is its own input."""
     n = 5000
-    base = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    base = np.random.default_rng(0).random((1, 1, 48, 48), dtype=np.float32)  # the smallest size allowed
     batches = [base + np.float32(i) for i in range(n)]  # each request's payload names its index
     t0 = time.perf_counter()
     got = _client(server, rep.FLOOR_MODEL, protocol).infer_many(batches, concurrency=16, return_errors=True)

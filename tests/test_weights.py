@@ -84,3 +84,8 @@ def test_retraining_the_cheapest_model_reproduces_the_shipped_one(tmp_path, monk
             if "acc" in k:
                 assert abs(rec["metrics"][k] - v) <= CROSS_HOST_ACCURACY_TOLERANCE, (k, rec["metrics"][k], v)
     json.dumps(rec)  # the record is plain JSON
+
+
+def test_models_built_by_the_same_code_have_their_own_fingerprints():
+    names = list_models(family="nonlocal")
+    assert len({weights_fingerprint(get_spec(n)) for n in names}) == len(names)

@@ -72,8 +72,11 @@ def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: i
     values = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("loss", "metrics")}
     # The task's own training settings (e.g. label smoothing), not its bars.
     task = {f.name: getattr(spec.task, f.name) for f in dataclasses.fields(spec.task) if not f.name.startswith("min_")}
-    parts = [json.dumps(values, sort_keys=True), json.dumps(task, sort_keys=True, default=str),
-             type(spec.task).__name__, code_digest(_loss_source(spec))]
+    # The builder's bound arguments (e.g. the non-local mode of ``lambda m="dot": ...``) tell apart models
+    # built by the same code; the name ties the weights to the one model they are for.
+    builder_args = (getattr(spec.builder, "__defaults__", None), getattr(spec.builder, "__kwdefaults__", None))
+    parts = [spec.name, repr(builder_args), json.dumps(values, sort_keys=True),
+             json.dumps(task, sort_keys=True, default=str), type(spec.task).__name__, code_digest(_loss_source(spec))]
     parts += [code_digest(inspect.getsource(sys.modules[m])) for m in model_modules(spec.builder)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
