@@ -69,6 +69,7 @@ class Settings:
     intra_op_threads: int | None = None  # override the spec's serving threads (served and in-process alike)
     pin: bool = True  # server + in-process references on the last cores, load generator on the first
     max_queue_delay_us: int | None = None  # override the spec's dynamic-batching queue delay
+    frontdoor_requests: int = 300  # per path, for the front door's added latency
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -296,6 +297,37 @@ def bench_model(name: str, server, onnx_file: Path, s: Settings, use_pa: bool, l
     return rows, note
 
 
+def frontdoor_latency(server, model: str, n: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The front door's added latency: the same request direct over gRPC, direct over HTTP and through the
+    front door, interleaved in one run, JSON and binary bodies."""
+    from serving.frontdoor import create_app, format_overhead, measure_overhead, serve_in_thread
+    from serving.server import free_ports
+
+    out = []
+    with serve_in_thread(create_app(server.grpc_url), port=free_ports(1)[0]) as door:
+        for binary in (False, True):
+            r = measure_overhead(server.http_url, door, model, n, binary=binary, direct_grpc=server.grpc_url)
+            log(format_overhead(r))
+            out.append(r)
+    return out
+
+
+def frontdoor_markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["", "## Front door", "",
+             "The same request (batch 1, the model's warm-up shape) sent straight to Triton over gRPC and HTTP and "
+             "through the front door (`serving/frontdoor.py`: validates, then forwards over gRPC), interleaved "
+             "one by one on kept-alive connections. ms.", "",
+             "| model | body | direct gRPC p50 / p95 / p99 | direct HTTP p50 / p95 / p99 | front door p50 / p95 / p99 "
+             "| added p50 vs HTTP | vs gRPC |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        cell = {k: " / ".join(f"{r[k][q]:.2f}" for q in ("p50", "p95", "p99")) for k in ("grpc", "direct", "frontdoor")}
+        added_http = r["frontdoor"]["p50"] - r["direct"]["p50"]
+        added_grpc = r["frontdoor"]["p50"] - r["grpc"]["p50"]
+        lines.append(f"| {r['model']} | {'binary' if r['binary'] else 'JSON'} ({r['request_bytes']} B) | "
+                     f"{cell['grpc']} | {cell['direct']} | {cell['frontdoor']} | {added_http:+.2f} | {added_grpc:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _find(rows: list[Row], **kw) -> Row | None:
     return next((r for r in rows if all(getattr(r, k) == v for k, v in kw.items())), None)
 
@@ -475,6 +507,8 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
                     rows += r
                     if note:
                         notes.append(f"{m}: torch row uses {note} (no checkpoint)")
+                meta["frontdoor"] = frontdoor_latency(server, served[0] if served else rep.FLOOR_MODEL,
+                                                      s.frontdoor_requests, log)
         finally:
             if split:
                 pin_this_process(all_cpus)
@@ -488,6 +522,8 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "settings": asdict(s), "summary": summary,
                                                     "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     write_markdown(out_dir / "bench.md", rows, summary, meta)
+    with open(out_dir / "bench.md", "a") as f:
+        f.write(frontdoor_markdown(meta["frontdoor"]))
     plot(out_dir / "bench.png", rows)
     return {"meta": meta, "summary": summary, "rows": rows}
 
@@ -514,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                  intra_op_threads=args.intra_op_threads, pin=not args.no_pin,
                  max_queue_delay_us=args.max_queue_delay_us)
     if args.quick:
-        s.window_ms, s.inprocess_s = 1000, 1.0
+        s.window_ms, s.inprocess_s, s.frontdoor_requests = 1000, 1.0, 50
     try:
         from training import paths
 

@@ -18,7 +18,7 @@ def test_perf_analyzer_runs_with_the_bundled_libraries():
 @pytest.mark.server
 def test_bench_smoke_writes_tables_and_plot(tmp_path):
     s = bench.Settings(concurrency=(1, 4), protocols=("grpc", "http"), window_ms=500, max_trials=3,
-                       inprocess_s=0.3, tool="python")
+                       inprocess_s=0.3, tool="python", frontdoor_requests=20)
     res = bench.run([], s, tmp_path, log=lambda m: None)
     rows = res["rows"]
     combos = {(r.runtime, r.protocol, r.batching, r.concurrency) for r in rows}
@@ -31,6 +31,10 @@ def test_bench_smoke_writes_tables_and_plot(tmp_path):
     assert set(res["summary"]["floor_ms"]) == {"grpc/on", "grpc/off", "http/on", "http/off"}
     md = (tmp_path / "bench.md").read_text()
     assert "**Floor**" in md and "| passthrough | triton | grpc | off | 4 |" in md
+    assert "## Front door" in md and "| passthrough | JSON" in md and "| passthrough | binary" in md
+    door = res["meta"]["frontdoor"]
+    assert [r["binary"] for r in door] == [False, True]
+    assert all(0 < r[k]["p50"] <= r[k]["p99"] for r in door for k in ("grpc", "direct", "frontdoor"))
     assert json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
