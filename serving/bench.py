@@ -323,8 +323,9 @@ def frontdoor_markdown(results: list[dict[str, Any]]) -> str:
         cell = {k: " / ".join(f"{r[k][q]:.2f}" for q in ("p50", "p95", "p99")) for k in ("grpc", "direct", "frontdoor")}
         added_http = r["frontdoor"]["p50"] - r["direct"]["p50"]
         added_grpc = r["frontdoor"]["p50"] - r["grpc"]["p50"]
-        lines.append(f"| {r['model']} | {'binary' if r['binary'] else 'JSON'} ({r['request_bytes']} B) | "
-                     f"{cell['grpc']} | {cell['direct']} | {cell['frontdoor']} | {added_http:+.2f} | {added_grpc:+.2f} |")
+        body = f"{'binary' if r['binary'] else 'JSON'} ({r['request_bytes']} B)"
+        lines.append(f"| {r['model']} | {body} | {cell['grpc']} | {cell['direct']} | {cell['frontdoor']} | "
+                     f"{added_http:+.2f} | {added_grpc:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
