@@ -12,7 +12,7 @@ import time
 
 from export.pipeline import ExportSummary, export_model, print_summary
 from training import paths
-from training.registry import UnknownModelError, resolve_names
+from training.cli import model_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-fp16", action="store_true", help="skip the FP16 graph and its agreement gate")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
-    try:
-        names = resolve_names(a.models)
-    except UnknownModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = model_names(a.models)
     summaries: list[ExportSummary] = []
     start = time.perf_counter()
     for name in names:

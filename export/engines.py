@@ -168,7 +168,7 @@ def write_report(results: list[ModelEngines], header: dict[str, Any], reports_di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.registry import UnknownModelError, resolve_names
+    from training.cli import model_names
 
     p = argparse.ArgumentParser(prog="python -m export.engines", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
@@ -180,11 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="engine folder (default artifacts/engines)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
-    try:  # names first: an unknown model is an error even on a host that can build nothing
-        names = resolve_names(a.models)
-    except UnknownModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Names first: an unknown model is an error even on a host that can build nothing.
+    names = model_names(a.models)
     precisions = tuple(x.strip() for x in a.precision.split(",") if x.strip())
     bad = [x for x in precisions if x not in PRECISIONS]
     if bad:

@@ -304,8 +304,8 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.cli import model_names
     from training.paths import REPORTS_DIR
-    from training.registry import UnknownModelError, resolve_names
 
     p = argparse.ArgumentParser(prog="python -m export.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
@@ -321,11 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpu: smoke-run this script without a GPU (torch + onnxruntime only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:  # names first: an unknown model is an error, never a skip, whatever this host has
-        names = resolve_names(args.models)
-    except UnknownModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Names first: an unknown model is an error, never a skip, whatever this host has.
+    names = model_names(args.models)
     import torch
 
     deadline = time.time() + args.max_seconds

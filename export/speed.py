@@ -21,8 +21,9 @@ from export.runners import TorchRunner
 from export.timing import percentiles
 from training import paths
 from training.checkpoints import load_trained
+from training.cli import model_names
 from training.feeds import sample_feeds
-from training.registry import UnknownModelError, get_spec, resolve_names
+from training.registry import get_spec
 
 
 def bench_model(name: str, batch: int = 32, rounds: int = 60, threads: int = 2) -> dict:
@@ -92,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=60)
     a = p.parse_args(argv)
-    try:
-        names = resolve_names(a.models)
-    except UnknownModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = model_names(a.models)
     rows = []
     for name in tqdm(names, desc="benchmark"):
         try:

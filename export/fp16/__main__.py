@@ -13,8 +13,9 @@ from typing import Any
 from export.fp16.gate import fp16_gate, fp32_graph_paths
 from export.fp16.probe import keep_list_sweep, probe_model
 from export.fp16.report import write_report
+from training.cli import model_names
 from training.feeds import sample_feeds
-from training.registry import UnknownModelError, get_spec, resolve_names
+from training.registry import get_spec
 
 
 class MissingGraphError(FileNotFoundError):
@@ -51,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="measure candidate keep-lists")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:
-        names = resolve_names(args.models)
-    except UnknownModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    names = model_names(args.models)
     results, failed = {}, []
     for name in names:
         try:
