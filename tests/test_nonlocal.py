@@ -124,3 +124,20 @@ def test_softmax_affinity_stays_finite_in_fp16(mode):
     assert torch.isfinite(half).all()
     torch.testing.assert_close(half.float().sum(-1), torch.ones_like(ref.sum(-1)), atol=1e-2, rtol=0)
     assert (half.float() - ref).abs().max() < 5e-2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [(16, 16), (12, 18)])
+def test_attention_output_is_the_centre_query_row_of_the_affinity(mode, size):
+    """The served map is f(x_c, .)/C for the centre position c, laid out on the key grid."""
+    block = _randomized_block(mode, channels=6)
+    x = torch.rand(2, 6, *size)
+    with torch.no_grad():
+        z, query = block.attend(x)
+        f = block.affinity(x)
+        torch.testing.assert_close(z, block(x))
+    h, w = size
+    assert query.shape == (2, 1, h // 2, w // 2)
+    torch.testing.assert_close(query.flatten(1), f[:, (h // 2) * w + w // 2])
+    if mode in ("gaussian", "embedded"):
+        torch.testing.assert_close(query.sum(dim=(1, 2, 3)), torch.ones(2))

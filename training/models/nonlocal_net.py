@@ -23,8 +23,10 @@ from torch import nn
 
 from training.models.common import SmallCNN
 from training.registry import (
+    Dim,
     ExportOptions,
     ModelSpec,
+    TensorSpec,
     TrainRecipe,
     class_logits,
     image_input,
@@ -74,18 +76,41 @@ class NonLocalBlock(nn.Module):
         row = self.w_phi(kmap).flatten(2)  # [B, 1, Nj]
         return torch.relu(col + row) / n
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z = W y + x, and the affinity f(x_i, .)/C of the centre query position over the key positions
+        [B, 1, hk, wk] (what the block attends to, for drawing)."""
         f = self.affinity(x)
         v = self.pool(self.g(x)).flatten(2).transpose(1, 2)  # [B, Nj, C']
         y = (f @ v).transpose(1, 2).unflatten(2, x.shape[-2:])  # [B, C', H, W]
-        return x + self.W(y)
+        h, w = x.shape[-2], x.shape[-1]
+        centre = (h // 2) * w + w // 2  # runtime sizes: symbolic in the exported graph
+        keys = (h // 2, w // 2) if isinstance(self.pool, nn.MaxPool2d) else (h, w)  # MaxPool2d(2) floors
+        query = f[:, centre : centre + 1, :].unflatten(2, keys)  # [B, 1, hk, wk]
+        return x + self.W(y), query
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(x)[0]
 
 
-def nonlocal_cnn(mode: str, num_classes: int = 10, in_chans: int = 1) -> SmallCNN:
-    return SmallCNN(num_classes, mid=NonLocalBlock(32, mode), in_chans=in_chans)
+class NonLocalCNN(SmallCNN):
+    """The small CNN with a non-local block at 1/4 resolution; also returns the block's attention map."""
+
+    def __init__(self, mode: str, num_classes: int = 10, in_chans: int = 1) -> None:
+        super().__init__(num_classes, mid=NonLocalBlock(32, mode), in_chans=in_chans)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, attention = self.mid.attend(self.stem(x))
+        return self.fc(self.head(z).mean(dim=(2, 3))), attention
 
 
-_OUTPUTS = (class_logits(),)
+def nonlocal_cnn(mode: str, num_classes: int = 10, in_chans: int = 1) -> NonLocalCNN:
+    return NonLocalCNN(mode, num_classes, in_chans)
+
+
+# Keys are the block's input (1/4 of the image) max-pooled once more: 1/8 of the image side.
+KEY_GRID = Dim("key_rows", 6, 8, 12), Dim("key_cols", 6, 8, 12)
+ATTENTION = TensorSpec("attention", (1, *KEY_GRID), "float32", "map",
+                       "the block's weights f(x_i, .)/C of the centre position over the key positions")
 _RECIPE = TrainRecipe(steps=1500, batch_size=64, lr=3e-3)
 
 register_model(ModelSpec(
@@ -94,7 +119,7 @@ register_model(ModelSpec(
     builder=SmallCNN,
     description="plain small CNN of the same size: the baseline the attention models are compared with",
     inputs=(image_input(),),
-    outputs=_OUTPUTS,
+    outputs=(class_logits(),),
     task=Classification(min_accuracy=0.93),
     train=_RECIPE,
 ))
@@ -106,7 +131,7 @@ for _mode in MODES:
         builder=lambda m=_mode, **kw: nonlocal_cnn(m, **kw),
         description=f"small CNN with a {_mode} non-local block at 1/4 resolution",
         inputs=(image_input(),),
-        outputs=_OUTPUTS,
+        outputs=(class_logits(), ATTENTION),
         task=Classification(min_accuracy=0.95),
         train=_RECIPE,
         export=ExportOptions(
