@@ -91,6 +91,12 @@ def _name_dynamic_axes(proto: onnx.ModelProto, graph: GraphSpec) -> None:
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param in rename:
                 d.dim_param = rename[d.dim_param]
+    # Outputs whose axes the exporter wrote as expressions (e.g. "(s73//8)") take the output spec's names.
+    for value, t in zip(proto.graph.output, graph.outputs, strict=True):
+        names = {0: "batch", **{i + 1: d.name for i, d in t.dynamic.items()}}
+        for k, d in enumerate(value.type.tensor_type.shape.dim):
+            if d.dim_param and k in names and d.dim_param not in rename.values():
+                d.dim_param = names[k]
 
 
 def _set_metadata(proto: onnx.ModelProto, spec: ModelSpec, graph: GraphSpec, custom_ops: bool) -> None:

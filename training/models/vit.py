@@ -168,5 +168,5 @@ register_model(ModelSpec(
                    "last block's class-token attention over the 8 px patches, mean over heads (sums to 1)"),
     ),
     task=Classification(min_accuracy=0.93),
-    train=TrainRecipe(steps=2000, batch_size=64, lr=1e-3, weight_decay=0.05),
+    train=TrainRecipe(steps=2000, batch_size=64, lr=2e-3, weight_decay=0.05),
 ))
