@@ -85,7 +85,7 @@ class NonLocalBlock(nn.Module):
         h, w = x.shape[-2], x.shape[-1]
         centre = (h // 2) * w + w // 2  # runtime sizes: symbolic in the exported graph
         keys = (h // 2, w // 2) if isinstance(self.pool, nn.MaxPool2d) else (h, w)  # MaxPool2d(2) floors
-        query = f[:, centre : centre + 1, :].unflatten(2, keys)  # [B, 1, hk, wk]
+        query = f[:, centre].unflatten(1, keys).unsqueeze(1)  # [B, 1, hk, wk]: a Gather, so the 1 stays static
         return x + self.W(y), query
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
