@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from export.compare import Tolerance, compare
-from export.runners import TorchRunner
+from export.runners import OnnxRuntimeRunner, TorchRunner
 from serving import repository as rep
 from serving.server import TritonServer, free_ports, port_free
 from training import layout
@@ -111,7 +111,6 @@ def test_validate_config_rejects_mismatches():
 
 
 def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
-    import onnxruntime as ort
 
     with pytest.raises(rep.RepositoryError, match=r"missing .*cnn/1/model\.onnx"):
         rep.write_repository(["cnn"], "cpu", tmp_path)
@@ -126,9 +125,9 @@ def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
     assert (tmp_path / "cnn/1/model.py").read_bytes() == rep.BACKEND_MODEL_PY.read_bytes()
     assert rep.check_repository(tmp_path) == ["cnn", "passthrough"]
     # The floor graph is an Identity with the image input's dynamic signature.
-    sess = ort.InferenceSession(str(layout.onnx_path(rep.FLOOR_MODEL, tmp_path)))
+    floor = OnnxRuntimeRunner(layout.onnx_path(rep.FLOOR_MODEL, tmp_path))
     x = np.random.rand(3, 1, 40, 56).astype(np.float32)
-    np.testing.assert_array_equal(sess.run(None, {"image": x})[0], x)
+    np.testing.assert_array_equal(floor.infer({"image": x})["output"], x)
 
 
 def _engine_sidecar(plan: Path, flavour: str, aot: bool) -> None:
