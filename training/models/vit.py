@@ -1,8 +1,8 @@
 """A small vision transformer ("An Image is Worth 16x16 Words", Dosovitskiy et al. 2021): multi-head self-attention.
 
 Laid out as timm's ``VisionTransformer`` (parameter names ``patch_embed.proj``, ``cls_token``, ``pos_embed``,
-``blocks.i.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``, ``head``): a conv patch embedding
-(patch 8), a class token, learned position embeddings for the 8x8 training grid (class token included, as
+``blocks.i.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``, ``head``): 8x8-patch tokens from a
+small conv stem (``patch_embed.stem`` + ``patch_embed.proj``, see ``PatchEmbed``), a class token, learned position embeddings for the 8x8 training grid (class token included, as
 timm), pre-norm blocks, a final norm and a linear head on the class token.
 
 Export-minded choices:
@@ -20,6 +20,8 @@ class token's weight on itself dropped and the rest renormalised so that the map
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -93,12 +95,22 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Tokens for 8x8 patches from a small convolutional stem (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"): three stride-2 3x3 conv-BN-ReLU stages and a 1x1 ``proj`` to the token width.
+    Measured here: the plain 8x8 patchify conv trained to 52% test accuracy in 2000 steps on cluttered digits;
+    a ViT this small needs the stem's locality to find a 14-28 px digit among clutter."""
+
     def __init__(self, patch: int, in_chans: int, dim: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
+        stages, chans = [], (in_chans, 16, 32, 64)
+        for k in range(int(math.log2(patch))):
+            cin, cout = chans[min(k, 3)], chans[min(k + 1, 3)]
+            stages += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.stem = nn.Sequential(*stages)
+        self.proj = nn.Conv2d(chans[min(int(math.log2(patch)), 3)], dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # [B, C, H // patch, W // patch]
+        return self.proj(self.stem(x))  # [B, C, H // patch, W // patch]
 
 
 class VisionTransformer(nn.Module):
@@ -168,5 +180,5 @@ register_model(ModelSpec(
                    "last block's class-token attention over the 8 px patches, mean over heads (sums to 1)"),
     ),
     task=Classification(min_accuracy=0.93),
-    train=TrainRecipe(steps=2000, batch_size=64, lr=2e-3, weight_decay=0.05),
+    train=TrainRecipe(steps=2500, batch_size=64, lr=1e-3, weight_decay=0.05),
 ))
