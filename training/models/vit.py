@@ -179,6 +179,8 @@ register_model(ModelSpec(
         TensorSpec("attention", (1, PATCH_ROWS, PATCH_COLS), "float32", "map",
                    "last block's class-token attention over the 8 px patches, mean over heads (sums to 1)"),
     ),
-    task=Classification(min_accuracy=0.93),
-    train=TrainRecipe(steps=2500, batch_size=64, lr=1e-3, weight_decay=0.05),
+    # Measured: with the 10k-image default split it overfits (train batches 98%, test 90.75% after 2500
+    # steps); three times the data and label smoothing are the transformer's usual remedies.
+    task=Classification(min_accuracy=0.93, label_smoothing=0.1),
+    train=TrainRecipe(steps=3000, batch_size=64, lr=1e-3, weight_decay=0.05, train_size=30_000),
 ))
