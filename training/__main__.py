@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.registry import UnknownModelError, resolve_names
+from training.cli import model_names
 from training.train import ensure_trained, train_model
 
 
@@ -16,13 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="override the recipe's step count")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
-    try:
-        names = resolve_names(a.models)
-    except UnknownModelError as e:
-        if a.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = model_names(a.models)
     failed = False
     for name in names:
         rec = train_model(name, steps=a.steps) if a.force or a.steps else ensure_trained(name)

@@ -2,8 +2,9 @@
 
 Laid out as timm's ``VisionTransformer`` (parameter names ``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.i.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``, ``head``): 8x8-patch tokens from a
-small conv stem (``patch_embed.stem`` + ``patch_embed.proj``, see ``PatchEmbed``), a class token, learned position embeddings for the 8x8 training grid (class token included, as
-timm), pre-norm blocks, a final norm and a linear head on the class token.
+small conv stem (``patch_embed.stem`` + ``patch_embed.proj``, see ``PatchEmbed``), a class token, learned
+position embeddings for the 8x8 training grid (class token included, as timm), pre-norm blocks, a final norm
+and a linear head on the class token.
 
 Export-minded choices:
 - The attention math is written out (softmax(q k^T * scale) v) rather than calling
