@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
     names = model_names(a.models)
+    if names is None:
+        return 2
     summaries: list[ExportSummary] = []
     start = time.perf_counter()
     for name in names:

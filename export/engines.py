@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     # Names first: an unknown model is an error even on a host that can build nothing.
     names = model_names(a.models)
+    if names is None:
+        return 2
     precisions = tuple(x.strip() for x in a.precision.split(",") if x.strip())
     bad = [x for x in precisions if x not in PRECISIONS]
     if bad:

@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     # Names first: an unknown model is an error, never a skip, whatever this host has.
     names = model_names(args.models)
+    if names is None:
+        return 2
     import torch
 
     deadline = time.time() + args.max_seconds

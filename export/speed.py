@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=60)
     a = p.parse_args(argv)
     names = model_names(a.models)
+    if names is None:
+        return 2
     rows = []
     for name in tqdm(names, desc="benchmark"):
         try:

@@ -343,8 +343,14 @@ def test_client_side_errors_are_one_line(server, protocol):
     for expected, x in cases.items():
         with pytest.raises(ClientError, match=expected.replace("[", r"\[").replace("?", r"\?")):
             c.infer(x)
-    with pytest.raises(ClientError, match="unknown model 'nope'; served models: cnn, passthrough"):
-        _client(server, "nope", protocol)
+    with pytest.raises(ClientError, match=r"model 'nope' is not served \(or not ready\)"):
+        _client(server, "nope", protocol)  # the repository index is an admin API: no key, no list
+    from serving import admin
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(admin.KEY_ENV, server.admin_key)
+        with pytest.raises(ClientError, match="unknown model 'nope'; served models: cnn, passthrough"):
+            _client(server, "nope", protocol)
     port = free_ports(1)[0]
     with pytest.raises(ClientError, match=f"not reachable at 127.0.0.1:{port}"):
         Client("cnn", protocol, f"127.0.0.1:{port}", timeout=2)
@@ -433,8 +439,12 @@ def test_missing_or_corrupt_graph_is_a_load_error_naming_the_file(untrained, tmp
         assert health["cnn"] is None and health["passthrough"] is None
         from serving.client import ClientError
 
-        with pytest.raises(ClientError, match=r"model 'cnn_missing' is not ready .*missing ONNX file"):
-            _client(srv, "cnn_missing", "grpc")
+        from serving import admin
+
+        with pytest.MonkeyPatch.context() as mp:  # the operator, who has the admin key, is told why
+            mp.setenv(admin.KEY_ENV, srv.admin_key)
+            with pytest.raises(ClientError, match=r"model 'cnn_missing' is not ready .*missing ONNX file"):
+                _client(srv, "cnn_missing", "grpc")
         # The fixed file loads on request, with the others still served.
         shutil.copyfile(src / "cnn/1/model.onnx", repo / "cnn_missing/1/model.onnx")
         srv.load("cnn_missing")

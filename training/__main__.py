@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
     names = model_names(a.models)
+    if names is None:
+        return 2
     failed = False
     for name in names:
         rec = train_model(name, steps=a.steps) if a.force or a.steps else ensure_trained(name)

@@ -49,7 +49,9 @@ def make_split(split: str, n: int, canvas: int = 64, seed: int = 0) -> dict[str,
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if canvas < DIGIT_SIZE[1] + 2:
         raise ValueError(f"canvas {canvas} is too small for digits up to {DIGIT_SIZE[1]} px")
-    return _make_split(split, n, canvas, seed)
+    # A copy: the cached arrays are shared by every caller in the process, and a caller that writes into
+    # its split (a NaN for a bad-input test, say) must not change what the next caller evaluates on.
+    return {k: v.copy() for k, v in _make_split(split, n, canvas, seed).items()}
 
 
 @lru_cache(maxsize=8)

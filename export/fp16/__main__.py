@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     names = model_names(args.models)
+    if names is None:
+        return 2
     results, failed = {}, []
     for name in names:
         try:

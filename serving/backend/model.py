@@ -49,7 +49,7 @@ class TritonPythonModel:
         try:
             self.session = ort_session(path, threads=threads, spinning=params.get("allow_spinning") == "1")
         except Exception as e:  # onnxruntime raises its own types for corrupt/unreadable graphs
-            raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file: {e}") from None
+            raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file {path} ({e})") from None
         # {input: {per-sample axis: [min, max]}}: the dynamic axes' allowed sizes (the TensorRT profile's range)
         bounds = json.loads(params.get("input_bounds") or "{}")
         self.bounds = {k: {int(a): r for a, r in v.items()} for k, v in bounds.items()}
