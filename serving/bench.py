@@ -498,6 +498,7 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
                                f"perf_analyzer on CPU {','.join(map(str, client_cpus))}")
         http, grpc, metrics = free_ports(3)
         rows: list[Row] = []
+        torch_threads = torch.get_num_threads()
         try:
             with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True,
                               cpus=server_cpus) as server:
@@ -513,6 +514,7 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
         finally:
             if split:
                 pin_this_process(all_cpus)
+            torch.set_num_threads(torch_threads)  # bench_model sized torch's pool to the pinned cores
     meta["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if max(float(meta["loadavg"].split()[0]), os.getloadavg()[0]) > 0.5 * meta["cpus"]:
         notes.append(f"the host was busy with other work (load average {meta['loadavg']} at start, "

@@ -69,14 +69,19 @@ def test_retraining_the_cheapest_model_reproduces_the_shipped_one(tmp_path, monk
     trained them; elsewhere the same bars met and test accuracy within the measured cross-host spread."""
     # Cheapest by work, not by the recorded seconds (those depend on how busy the training host was).
     name = min(list_models(), key=lambda n: load_record(n)["steps"] * load_record(n)["params"])
-    shipped = load_record(name)
+    shipped, shipped_weights = load_record(name), checkpoint_path(name)
     monkeypatch.setattr("training.paths.WEIGHTS_DIR", tmp_path)
-    rec = train_model(name, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(shipped["host"].get("torch_threads", threads))  # as the shipped weights were trained
+    try:
+        rec = train_model(name, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert rec["fingerprint"] == shipped["fingerprint"]
     assert not rec["bar_failures"], rec["bar_failures"]
     if shipped["host"] == host_fingerprint():
         new = torch.load(tmp_path / f"{name}.pt", weights_only=True)
-        old = torch.load(checkpoint_path(name), weights_only=True)
+        old = torch.load(shipped_weights, weights_only=True)
         assert new.keys() == old.keys()
         assert all(torch.equal(new[k], old[k]) for k in new), f"{name}: weights differ on the same host"
         assert rec["metrics"] == shipped["metrics"]
