@@ -10,9 +10,9 @@ from typing import Any
 from export.onnx_export import export_onnx
 from export.parity import check_parity
 from training import layout, paths
-from training.checkpoints import load_trained
+from training.checkpoints import load_record, load_trained
 from training.registry import ModelSpec, get_spec
-from training.train import ensure_trained
+from training.train import is_current, train_model
 
 
 @dataclass
@@ -55,11 +55,8 @@ def _rel(p: Path) -> str:
 def export_model(name: str, custom_ops: bool = False, slim: bool = True, train: bool = True,
                  tensorrt: bool = True, fp16: bool = True) -> ExportSummary:
     spec = get_spec(name)
-    from training.checkpoints import load_record
-    from training.train import is_current
-
-    fresh = train and not is_current(name)
-    record = ensure_trained(name) if train else load_record(name)
+    fresh = train and not is_current(name)  # one fingerprint check decides, and the summary reports it
+    record = train_model(name) if fresh else load_record(name)
     model = load_trained(name)  # raises a one-line error when the checkpoint is missing
     s = ExportSummary(name=name, metrics=record.get("metrics", {}), bar_failures=record.get("bar_failures", []),
                       trained="trained now" if fresh else "shipped")
