@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report serve frontdoor bench bench-export test test-fast lint gpu-check clean samples reliability
+.PHONY: install train export repository engines fp16-report serve frontdoor bench bench-export test test-fast lint gpu-check clean samples reliability study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -67,3 +67,8 @@ clean:
 
 reliability: $(STAMP)
 	$(PY) -m serving.reliability
+
+# A measured claim (seeded comparison of variants): `make study STUDY=attention`; not part of `make export`.
+STUDY ?= attention
+study: $(STAMP)
+	$(PY) -m training.studies $(STUDY)

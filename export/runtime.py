@@ -25,7 +25,7 @@ def intra_op_threads(fixed: int = 0, instances: int = 1) -> int:
 
 
 def session_options(threads: int | None = None, *, spinning: bool = False, custom_ops: bool = False,
-                    disable_optimizations: bool = False) -> Any:
+                    disable_optimizations: bool = False, profile_prefix: str | None = None) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -40,12 +40,15 @@ def session_options(threads: int | None = None, *, spinning: bool = False, custo
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if disable_optimizations:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if profile_prefix is not None:  # per-node kernel times, written by session.end_profiling()
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return so
 
 
 def ort_session(path: Path | str, custom_ops: bool = False, threads: int | None = None, *,
                 spinning: bool = False, disable_optimizations: bool = False,
-                providers: list[str] | None = None) -> Any:
+                providers: list[str] | None = None, profile_prefix: str | None = None) -> Any:
     """An onnxruntime session on ``path``; a missing or corrupt file is a one-line error naming it."""
     import onnxruntime as ort
 
@@ -53,7 +56,7 @@ def ort_session(path: Path | str, custom_ops: bool = False, threads: int | None 
     if not path.exists():
         raise FileNotFoundError(f"ONNX file not found: {path}")
     opts = session_options(threads, spinning=spinning, custom_ops=custom_ops,
-                           disable_optimizations=disable_optimizations)
+                           disable_optimizations=disable_optimizations, profile_prefix=profile_prefix)
     try:
         return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # corrupt or truncated file: say which

@@ -49,6 +49,7 @@ class TensorInfo:
     name: str
     dtype: np.dtype
     dims: tuple[int, ...]  # per sample; -1 dynamic
+    optional: bool = False  # the server feeds its default when a request leaves it out
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ModelInfo:
     output_kinds: dict[str, str] = field(default_factory=dict)
     description: str = ""
     input_bounds: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # input -> axis -> range
+    input_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # integer input -> values
 
     @staticmethod
     def from_config(cfg: dict) -> ModelInfo:
@@ -70,14 +72,16 @@ class ModelInfo:
             for t in cfg.get(key, []):
                 dt = t["data_type"].removeprefix("TYPE_")
                 out.append(TensorInfo(t["name"], np.dtype(triton_to_np_dtype("BYTES" if dt == "STRING" else dt)),
-                                      tuple(int(d) for d in t["dims"])))
+                                      tuple(int(d) for d in t["dims"]), bool(t.get("optional", False))))
             return tuple(out)
 
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         bounds = {k: {int(a): (int(r[0]), int(r[1])) for a, r in v.items()}
                   for k, v in json.loads(params.get("input_bounds") or "{}").items()}
+        ranges = {k: (float(v[0]), float(v[1])) for k, v in json.loads(params.get("input_ranges") or "{}").items()}
         return ModelInfo(cfg["name"], int(cfg.get("max_batch_size", 0)), tensors("input"), tensors("output"),
-                         json.loads(params.get("output_kinds") or "{}"), params.get("description", ""), bounds)
+                         json.loads(params.get("output_kinds") or "{}"), params.get("description", ""), bounds,
+                         ranges)
 
     def input_shape_text(self, t: TensorInfo) -> str:
         return "[" + ", ".join(["B", *("?" if d < 0 else str(d) for d in t.dims)]) + "]"
@@ -187,10 +191,28 @@ class Client:
     def as_inputs(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if isinstance(x, dict):
             return x
-        if len(self.info.inputs) != 1:
-            raise ClientError(f"model {self.model!r} takes {len(self.info.inputs)} inputs: pass a dict of "
-                              f"{', '.join(t.name for t in self.info.inputs)}")
-        return {self.info.inputs[0].name: x}
+        required = [t for t in self.info.inputs if not t.optional]
+        if len(required) != 1:
+            raise ClientError(f"model {self.model!r} takes {len(required)} inputs: pass a dict of "
+                              f"{', '.join(t.name for t in required)}")
+        return {required[0].name: x}
+
+    def with_extra_inputs(self, x: np.ndarray, settings: Sequence[str]) -> dict[str, np.ndarray]:
+        """``x`` as the required input plus ``NAME=VALUE`` settings broadcast to every sample of the batch."""
+        inputs = self.as_inputs(x)
+        infos = {t.name: t for t in self.info.inputs}
+        for item in settings:
+            name, sep, value = item.partition("=")
+            if not sep or name not in infos:
+                raise ClientError(f"--set {item!r}: expected INPUT=VALUE with INPUT one of {', '.join(infos)}")
+            t = infos[name]
+            if any(d < 0 for d in t.dims):
+                raise ClientError(f"--set {name}: input {name!r} has dynamic axes; send it as a tensor")
+            try:
+                inputs[name] = np.full((len(x), *t.dims), float(value)).astype(t.dtype)
+            except ValueError:
+                raise ClientError(f"--set {item!r}: {value!r} is not a number") from None
+        return inputs
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         """Client-side checks with one-line messages naming the model, input, shape or dtype."""
@@ -199,6 +221,8 @@ class Client:
             if name not in want:
                 raise ClientError(f"model {m!r} has no input {name!r}; its inputs: {', '.join(want)}")
         for name, t in want.items():
+            if name not in inputs and t.optional:
+                continue
             if name not in inputs:
                 raise ClientError(f"model {m!r}: missing input {name!r}")
             a = np.asarray(inputs[name])
@@ -216,6 +240,11 @@ class Client:
                 if not lo <= per[axis] <= hi:
                     raise ClientError(f"model {m!r} input {name!r} axis {axis + int(batched)} is {per[axis]}; "
                                       f"the model takes {lo}..{hi}")
+            if name in self.info.input_ranges and a.size:
+                lo, hi = self.info.input_ranges[name]
+                if a.min() < lo or a.max() > hi:
+                    raise ClientError(f"model {m!r} input {name!r} values must be in {lo:g}..{hi:g}, "
+                                      f"got {a.min()}..{a.max()}")
 
     def _request(self, inputs: dict[str, np.ndarray]) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype
@@ -348,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 grpc, :8000 http)")
     p.add_argument("--sample", type=int, default=0, help="send N images from the test split instead of files")
     p.add_argument("--side", type=int, default=64, help="canvas side of --sample images")
+    p.add_argument("--set", action="append", default=[], metavar="INPUT=VALUE",
+                   help="a value for another input, the same for every image (e.g. --set target=3)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -373,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         for ks in by_shape.values():
             for s in range(0, len(ks), mbs):
                 chunk = ks[s:s + mbs]
-                outs = client.infer(np.concatenate([items[k][1] for k in chunk]))
+                outs = client.infer(client.with_extra_inputs(np.concatenate([items[k][1] for k in chunk]), args.set))
                 for j, k in enumerate(chunk):
                     results[k] = describe(outs, client.info.output_kinds, j)
         for k, (label, _) in enumerate(items):

@@ -126,7 +126,7 @@ def input_bounds(inputs: Iterable[TensorSpec]) -> dict[str, dict[str, list[int]]
 
 def _add_tensors(cfg: Any, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> None:
     for t in inputs:
-        cfg.input.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
+        cfg.input.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape), optional=t.optional)
     for t in outputs:
         cfg.output.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
 
@@ -136,11 +136,23 @@ def _set_parameters(cfg: Any, params: dict[str, str]) -> None:
         cfg.parameters[k].string_value = v
 
 
+def input_ranges(inputs: Iterable[TensorSpec]) -> dict[str, list[float]]:
+    """{integer input: [min, max]}: the values an integer input (a class index, say) may take. Enforced by the
+    backend, since an index outside it would make the graph gather out of range."""
+    import numpy as np
+
+    return {t.name: list(t.value_range) for t in inputs if np.dtype(t.dtype).kind in "iu"}
+
+
 def _client_parameters(spec: ModelSpec, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> dict:
-    """What clients read from a config: how to present each output, the inputs' bounds, a description."""
+    """What clients (and the backend) read from a config: how to present each output, the inputs' bounds and
+    value ranges, the optional inputs' defaults, a description."""
+    inputs = tuple(inputs)
     return {
         "output_kinds": json.dumps({t.name: t.kind for t in outputs}),
         "input_bounds": json.dumps(input_bounds(inputs)),
+        "input_ranges": json.dumps(input_ranges(inputs)),
+        "input_defaults": json.dumps({t.name: t.default for t in inputs if t.optional}),
         "description": spec.description,
     }
 
@@ -279,8 +291,10 @@ def validate_config(text: str, deployable: Deployable | None = None, source: str
         if cfg.name.removesuffix(TRT_SUFFIX) != deployable.triton_name:
             fail(f"model name {cfg.name!r} does not match {deployable.triton_name!r}")
         for kind, got, want in (("input", cfg.input, deployable.inputs), ("output", cfg.output, deployable.outputs)):
-            got_t = [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in got]
-            want_t = [(t.name, mc.DataType.Name(_triton_dtype(t.dtype)), list(t.shape)) for t in want]
+            got_t = [(t.name, mc.DataType.Name(t.data_type), list(t.dims), getattr(t, "optional", False))
+                     for t in got]
+            want_t = [(t.name, mc.DataType.Name(_triton_dtype(t.dtype)), list(t.shape), getattr(t, "optional", False))
+                      for t in want]
             if got_t != want_t:
                 fail(f"{kind}s {got_t} do not match the spec's {want_t}")
     return cfg

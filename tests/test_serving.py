@@ -437,9 +437,8 @@ def test_missing_or_corrupt_graph_is_a_load_error_naming_the_file(untrained, tmp
         assert f"cannot load ONNX file {repo / 'cnn_corrupt/1/model.onnx'}" in srv.load_errors["cnn_corrupt"]
         health = srv.health()
         assert health["cnn"] is None and health["passthrough"] is None
-        from serving.client import ClientError
-
         from serving import admin
+        from serving.client import ClientError
 
         with pytest.MonkeyPatch.context() as mp:  # the operator, who has the admin key, is told why
             mp.setenv(admin.KEY_ENV, srv.admin_key)

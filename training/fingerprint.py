@@ -63,13 +63,22 @@ def _loss_source(spec: ModelSpec) -> str:
     return inspect.getsource(loss)
 
 
+def _describe(value: Any) -> Any:
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    return value
+
+
 def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: int | None = None,
                         test_size: int | None = None) -> str:
     """Hash of everything the trained weights depend on (see the module docstring)."""
     r = dataclasses.replace(spec.train, **{k: v for k, v in
                                             {"steps": steps, "train_size": train_size, "test_size": test_size}.items()
                                             if v is not None})
-    values = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("loss", "metrics")}
+    values = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("loss", "metrics", "stages")}
+    if r.stages:  # callables by name: their code is in the model modules hashed below
+        values["stages"] = [{f.name: _describe(getattr(st, f.name)) for f in dataclasses.fields(st)}
+                            for st in r.stages]
     # The task's own training settings (e.g. label smoothing), not its bars.
     task = {f.name: getattr(spec.task, f.name) for f in dataclasses.fields(spec.task) if not f.name.startswith("min_")}
     # The builder's bound arguments (e.g. the non-local mode of ``lambda m="dot": ...``) tell apart models

@@ -55,8 +55,13 @@ class TensorSpec:
     description: str = ""
     data: str | None = None  # the data split's array that feeds this input (None: generated)
     value_range: tuple[float, float] = (0.0, 1.0)  # of generated or checked values
+    # An input a request may leave out (Triton ``optional: true``); the server and training then feed ``default``.
+    optional: bool = False
+    default: float | None = None
 
     def __post_init__(self) -> None:
+        if self.optional and self.default is None:
+            raise ValueError(f"tensor {self.name!r}: an optional input needs a default")
         bad = [a for a in self.axes if not isinstance(a, Dim) and (not isinstance(a, int) or a < 1)]
         if bad:
             raise ValueError(f"tensor {self.name!r}: axes {self.axes} must be sizes >= 1 or Dim(name, min, opt, max) "
@@ -114,8 +119,23 @@ class Composition:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One phase of a multi-stage recipe (e.g. MA-CNN's alternation of its grouping and classification
+    losses): ``steps`` with its own optimizer and cosine schedule over the parameters ``params`` picks (None:
+    all), its own ``loss`` (None: the recipe's), after ``setup(model, train_split)`` (e.g. a k-means init)."""
+
+    name: str
+    steps: int
+    loss: LossFn | None = None
+    params: Callable[[nn.Module], list[torch.nn.Parameter]] | None = None
+    lr: float | None = None  # None: the recipe's
+    setup: Callable[[nn.Module, dict[str, np.ndarray]], None] | None = None
+
+
+@dataclass(frozen=True)
 class TrainRecipe:
-    """Budgeted by steps, not wall time, so that results are reproducible on noisy 2-core hosts."""
+    """Budgeted by steps, not wall time, so that results are reproducible on noisy 2-core hosts. With
+    ``stages``, the stages run in order and ``steps`` is ignored (their sum is the budget)."""
 
     steps: int = 800
     batch_size: int = 64
@@ -127,6 +147,11 @@ class TrainRecipe:
     seed: int = 0
     loss: LossFn | None = None  # None: the task's loss
     metrics: MetricsFn | None = None  # extra metrics beside the task's
+    stages: tuple[Stage, ...] = ()
+
+    @property
+    def total_steps(self) -> int:
+        return sum(st.steps for st in self.stages) if self.stages else self.steps
 
 
 @dataclass(frozen=True)

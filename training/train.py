@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from training.checkpoints import checkpoint_path, load_record, save_checkpoint
 from training.data import make_split
 from training.fingerprint import host_fingerprint, weights_fingerprint
-from training.registry import ModelSpec, get_spec
+from training.registry import ModelSpec, Stage, TensorSpec, TrainRecipe, get_spec
 
 
 def _batches(data: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator):
@@ -33,10 +34,21 @@ def forward(spec: ModelSpec, model: torch.nn.Module, feeds: dict[str, Any]) -> d
 
 def data_feeds(spec: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
     """The model's named inputs from a data split's arrays (each input names its array in ``data``)."""
-    missing = [t.name for t in spec.inputs if t.data is None or t.data not in data]
+    missing = [t.name for t in spec.inputs if not t.optional and (t.data is None or t.data not in data)]
     if missing:
         raise ValueError(f"model {spec.name!r}: inputs {missing} have no array in the data ({sorted(data)})")
-    return {t.name: data[t.data] for t in spec.inputs}
+    like = next(iter(data.values()))
+    return {t.name: data[t.data] if t.data is not None and t.data in data else _default(t, like)
+            for t in spec.inputs}
+
+
+def _default(t: TensorSpec, like: Any) -> Any:
+    """An optional input's default for as many samples as ``like`` holds, as the server feeds it (numpy or
+    torch, like the data)."""
+    if t.dynamic:
+        raise ValueError(f"optional input {t.name!r} has dynamic axes: its default has no shape")
+    a = np.full((len(like), *t.shape), t.default, dtype=t.dtype)
+    return torch.from_numpy(a) if isinstance(like, torch.Tensor) else a
 
 
 @torch.no_grad()
@@ -66,28 +78,27 @@ def bar_failures(spec: ModelSpec, metrics: dict[str, float]) -> list[str]:
     return failures
 
 
-def train_model(name: str, steps: int | None = None, train_size: int | None = None,
-                test_size: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Train ``name`` with its recipe (overrides are for tests), evaluate, and save the checkpoint.
+def _stages(r: TrainRecipe, steps: int | None) -> list[Stage]:
+    """The recipe's stages (one plain stage without them); a ``steps`` override scales each stage."""
+    stages = list(r.stages) or [Stage("train", r.steps)]
+    if steps is None:
+        return stages
+    total = sum(st.steps for st in stages)
+    return [dataclasses.replace(st, steps=max(1, round(st.steps * steps / total))) for st in stages]
 
-    Returns the record saved beside the weights: ``metrics``, ``bar_failures``, ``fingerprint``, ``host``."""
-    spec = get_spec(name)
-    r = spec.train
-    steps = steps or r.steps
-    torch.manual_seed(r.seed)
-    train = make_split("train", train_size or r.train_size, r.canvas, r.seed)
-    test = make_split("test", test_size or r.test_size, r.canvas, r.seed)
-    model = spec.builder()
-    loss_fn = r.loss or spec.task.loss
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+
+def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float, weight_decay: float,
+               loss_fn: Any, batches: Any, desc: str, progress: bool) -> None:
+    """AdamW with a linear warm-up (5%) and a cosine decay over the stage's steps."""
+    steps = stage.steps
+    params = stage.params(model) if stage.params is not None else list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    batches = _batches(train, min(r.batch_size, len(train["label"])), np.random.default_rng(r.seed))
     model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"train {name}", disable=not progress, leave=False, mininterval=2)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=2)
     for step in bar:
         batch = next(batches)
         loss, log = loss_fn(forward(spec, model, data_feeds(spec, batch)), batch)
@@ -97,13 +108,37 @@ def train_model(name: str, steps: int | None = None, train_size: int | None = No
         sched.step()
         if step % 20 == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()})
+
+
+def train_model(model: str | ModelSpec, steps: int | None = None, train_size: int | None = None,
+                test_size: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Train a registered model (by name) or any spec (a study's variant) with its recipe (overrides are for
+    tests), evaluate, and save the checkpoint unless ``save`` is False.
+
+    Returns the record saved beside the weights: ``metrics``, ``bar_failures``, ``fingerprint``, ``host``."""
+    spec = model if isinstance(model, ModelSpec) else get_spec(model)
+    name = spec.name
+    r = spec.train
+    torch.manual_seed(r.seed)
+    train = make_split("train", train_size or r.train_size, r.canvas, r.seed)
+    test = make_split("test", test_size or r.test_size, r.canvas, r.seed)
+    model = spec.builder()
+    stages = _stages(r, steps)
+    batches = _batches(train, min(r.batch_size, len(train["label"])), np.random.default_rng(r.seed))
+    start = time.perf_counter()
+    for st in stages:
+        if st.setup is not None:
+            st.setup(model, train)
+        _run_stage(spec, model, st, r.lr if st.lr is None else st.lr, r.weight_decay,
+                   st.loss or r.loss or spec.task.loss, batches,
+                   desc=f"train {name}" + (f" [{st.name}]" if len(stages) > 1 else ""), progress=progress)
     train_s = time.perf_counter() - start
     metrics: dict[str, Any] = evaluate(spec, model, test)
     record = {
         "metrics": metrics,
         "bar_failures": bar_failures(spec, metrics),
         "fingerprint": weights_fingerprint(spec, steps, len(train["label"]), len(test["label"])),
-        "steps": steps,
+        "steps": sum(st.steps for st in stages),
         "train_seconds": round(train_s, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "host": host_fingerprint(),

@@ -54,6 +54,11 @@ class TritonPythonModel:
         bounds = json.loads(params.get("input_bounds") or "{}")
         self.bounds = {k: {int(a): r for a, r in v.items()} for k, v in bounds.items()}
 
+        # Optional inputs a request may leave out ({name: default}) and integer inputs' allowed values.
+        self.defaults = json.loads(params.get("input_defaults") or "{}")
+        self.ranges = json.loads(params.get("input_ranges") or "{}")
+        self.in_specs = {i["name"]: (pb_utils.triton_string_to_numpy(i["data_type"]), [int(d) for d in i["dims"]])
+                         for i in cfg["input"]}
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in cfg["output"]}
@@ -66,9 +71,15 @@ class TritonPythonModel:
             )
 
     def _read(self, request) -> list[np.ndarray]:
+        given = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.inputs}
+        batch = next((t.as_numpy().shape[0] for t in given.values() if t is not None and t.as_numpy().ndim), None)
         arrays = []
         for name in self.inputs:
-            t = pb_utils.get_input_tensor_by_name(request, name)
+            t = given[name]
+            if t is None and name in self.defaults and batch:
+                dtype, dims = self.in_specs[name]
+                arrays.append(np.full((batch, *dims), self.defaults[name], dtype=dtype))
+                continue
             if t is None:
                 raise BadRequest(f"model '{self.name}': missing input '{name}'")
             a = t.as_numpy()
@@ -79,6 +90,14 @@ class TritonPythonModel:
                 if size is None or not lo <= size <= hi:
                     raise BadRequest(f"model '{self.name}': input '{name}' axis {axis + 1} of shape {list(a.shape)} "
                                      f"must be in {lo}..{hi} (the model's allowed range)")
+            if name in self.ranges and a.size:
+                lo, hi = self.ranges[name]
+                if a.min() < lo or a.max() > hi:
+                    raise BadRequest(f"model '{self.name}': input '{name}' values must be in {lo:g}..{hi:g}, got "
+                                     f"{a.min()}..{a.max()}")
+            if batch is not None and a.shape[0] != batch:
+                raise BadRequest(f"model '{self.name}': input '{name}' has batch {a.shape[0]}, the other inputs "
+                                 f"{batch}")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 bad = int(a.size - np.isfinite(a).sum())
                 raise BadRequest(

@@ -1,0 +1,261 @@
+"""Feedback CNN ("Look and Think Twice: Capturing Top-Down Visual Attention with Feedback Convolutional Neural
+Networks", Cao et al. 2015): gates z in [0, 1] on every ReLU neuron, optimised top-down for a target class.
+
+Inference for target class k (the first pass's top-1 unless the request names one):
+  1. first look: the plain network (all gates 1) gives ``logits_first``;
+  2. ``iters`` steps of SGD with momentum on the gates, minimising -S_k(x; z) + lambda * sum |z|, each step
+     clamped to [0, 1] (the public re-implementation's settings: lr 0.1, momentum 0.9, lambda 0.01);
+  3. second look: the network with the final gates gives ``logits``, and the saliency map is
+     |dS_k/dx| with those gates (max over input channels). With all gates 1 it is the plain gradient saliency
+     (``gradient_saliency``, the baseline the paper compares with).
+
+Two implementations of the same inference:
+- ``feedback_reference``: the readable one, autograd computes every gradient (used in tests);
+- ``FeedbackCNN.forward`` in eval mode: the static graph that exports. The iterations are unrolled and the
+  top-down pass is written out: the class's weight row, the global average pool's 1/(h w), ReLU masks times
+  gates, the eval-mode BatchNorm scale, ``conv_transpose2d`` with the forward weights, and 2x2 max-pool
+  routing that sends each window's gradient to its first maximum in row-major order (PyTorch's tie rule; a
+  plain "equals the max" mask sends it to every tied cell, which on ReLU zeros is most of the map). No
+  autograd, no ArgMax in the routing (TensorRT does not promise ArgMax's tie order).
+In training mode ``forward`` is the plain feed-forward network (the gates are an inference-time
+optimisation; the network is trained as an ordinary classifier, as in the paper).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.registry import (
+    SIDE,
+    Checks,
+    ModelSpec,
+    TensorSpec,
+    TrainRecipe,
+    class_logits,
+    image_input,
+    register_model,
+)
+from training.tasks import Classification, accuracy
+
+ITERS = 10
+LR = 0.1
+MOMENTUM = 0.9
+SPARSITY = 0.01  # lambda
+
+
+class GatedCNN(nn.Module):
+    """conv-BN-ReLU-[gate]-pool twice, conv-BN-ReLU-[gate], global average pool, FC (no biases in the convs)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        chans = (in_chans, *widths)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in itertools.pairwise(chans))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in widths)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    @property
+    def depth(self) -> int:
+        return len(self.convs)
+
+    def gated(self, x: torch.Tensor, gates: list[torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(logits, block inputs, pre-activations, ReLU outputs) with the gates applied after each ReLU."""
+        inputs, pre, relu = [], [], []
+        h = x
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            inputs.append(h)
+            a = bn(conv(h))
+            r = F.relu(a)
+            pre.append(a)
+            relu.append(r)
+            h = r if gates is None else r * gates[i]
+            if i < self.depth - 1:
+                h = F.max_pool2d(h, 2)
+        return self.fc(h.mean(dim=(2, 3))), inputs, pre, relu
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """d bn(c) / dc in eval mode, per channel [1, C, 1, 1]."""
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps))[None, :, None, None]
+
+
+def route_max_pool_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of a 2x2, stride 2 max pool (floor mode) with respect to its input ``x``: each window's
+    gradient goes to its first maximum in row-major order, as PyTorch's max_pool2d backward; rows and columns
+    the pool dropped (odd sizes) get zero."""
+    h2, w2 = grad.shape[-2], grad.shape[-1]
+    crop = x[..., : 2 * h2, : 2 * w2]
+    win = crop.unflatten(3, (w2, 2)).unflatten(2, (h2, 2)).permute(0, 1, 2, 4, 3, 5).flatten(4)  # [B,C,h2,w2,4]
+    is_max = (win == win.amax(dim=-1, keepdim=True)).to(grad.dtype)
+    taken = torch.zeros_like(is_max[..., 0])
+    first = []
+    for j in range(4):  # first maximum wins: the cells before it in scan order were not maxima
+        f = is_max[..., j] * (1 - taken)
+        taken = taken + f
+        first.append(f * grad)
+    routed = torch.stack(first, dim=-1).unflatten(4, (2, 2)).permute(0, 1, 2, 4, 3, 5).flatten(4, 5).flatten(2, 3)
+    return F.pad(routed, (0, x.shape[-1] - 2 * w2, 0, x.shape[-2] - 2 * h2))
+
+
+class FeedbackCNN(GatedCNN):
+    """Eval mode: (logits_first, logits, saliency [B, 1, H, W], gradient_saliency [B, 1, H, W]) from the image
+    and the target class ([B, 1] int64, -1: the first pass's top-1). Training mode: the plain network's logits
+    in the first two places (zero maps)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, iters: int = ITERS, lr: float = LR,
+                 momentum: float = MOMENTUM, sparsity: float = SPARSITY) -> None:
+        super().__init__(num_classes, in_chans)
+        self.iters, self.lr, self.momentum, self.sparsity = iters, lr, momentum, sparsity
+
+    def top_down(self, k_row: torch.Tensor, inputs: list[torch.Tensor], pre: list[torch.Tensor],
+                 relu: list[torch.Tensor], gates: list[torch.Tensor] | None, to_input: bool
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """dS_k/dz for every gate (and dS_k/dx if ``to_input``), written out layer by layer."""
+        last = relu[-1]
+        g = (k_row[:, :, None, None] / (last.shape[-2] * last.shape[-1])).expand_as(last)  # dS/d(gated output)
+        dz: list[torch.Tensor] = [None] * self.depth  # type: ignore[list-item]
+        dx = None
+        for i in reversed(range(self.depth)):
+            dz[i] = g * relu[i]
+            dr = g if gates is None else g * gates[i]
+            dc = dr * (pre[i] > 0).to(dr.dtype) * _bn_scale(self.bns[i])
+            if i == 0 and not to_input:
+                break
+            d_in = F.conv_transpose2d(dc, self.convs[i].weight, padding=1)
+            if i == 0:
+                dx = d_in
+            else:
+                gated_prev = relu[i - 1] if gates is None else relu[i - 1] * gates[i - 1]
+                g = route_max_pool_grad(d_in, gated_prev)
+        return dz, dx
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.training:
+            logits = self.gated(image)[0]
+            zeros = torch.zeros_like(image[:, :1])
+            return logits, logits, zeros, zeros
+        out = self.feedback(image, target)
+        return out["logits_first"], out["logits"], out["saliency"], out["gradient_saliency"]
+
+    def feedback(self, image: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, Any]:
+        """The unrolled inference: both looks' logits, both saliency maps (each scaled to max 1) and the gates."""
+        logits_first, inputs, pre, relu = self.gated(image)
+        k = logits_first.argmax(dim=1)
+        if target is not None:
+            t = target.reshape(-1)
+            k = torch.where(t >= 0, t, k)
+        k_row = self.fc.weight[k]  # [B, C]: dS_k / d(pooled features)
+        dz, dx = self.top_down(k_row, inputs, pre, relu, None, to_input=True)
+        gradient_saliency = saliency_map(dx)
+        gates = [torch.ones_like(r) for r in relu]
+        velocity = [torch.zeros_like(r) for r in relu]
+        for it in range(self.iters):
+            if it > 0:
+                _, inputs, pre, relu = self.gated(image, gates)
+                dz, _ = self.top_down(k_row, inputs, pre, relu, gates, to_input=False)
+            for i in range(self.depth):
+                grad = -dz[i] + self.sparsity * (gates[i] > 0).to(gates[i].dtype)  # d|z|/dz = sign(z), 0 at 0
+                velocity[i] = self.momentum * velocity[i] + grad
+                gates[i] = (gates[i] - self.lr * velocity[i]).clamp(0.0, 1.0)
+        if self.iters == 0:
+            logits, saliency = logits_first, gradient_saliency
+        else:
+            logits, inputs, pre, relu = self.gated(image, gates)
+            saliency = saliency_map(self.top_down(k_row, inputs, pre, relu, gates, to_input=True)[1])
+        return {"logits_first": logits_first, "logits": logits, "saliency": saliency,
+                "gradient_saliency": gradient_saliency, "gates": gates}
+
+
+def saliency_map(dx: torch.Tensor) -> torch.Tensor:
+    """|dS/dx|, max over input channels, scaled so each map's maximum is 1 (raw values are ~1e-4: an absolute
+    tolerance would not test them)."""
+    s = dx.abs().amax(dim=1, keepdim=True)
+    return s / (s.amax(dim=(2, 3), keepdim=True) + 1e-12)
+
+
+def feedback_reference(net: GatedCNN, image: torch.Tensor, target: torch.Tensor | None = None, iters: int = ITERS,
+                       lr: float = LR, momentum: float = MOMENTUM, sparsity: float = SPARSITY
+                       ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The same inference with autograd (torch.optim.SGD on the gates): logits_first, logits, saliency,
+    gradient_saliency and the final gates."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        x = image.clone().requires_grad_(True)
+        logits_first, _, _, relu = net.gated(x)
+        k = logits_first.argmax(dim=1)
+        if target is not None:
+            k = torch.where(target.reshape(-1) >= 0, target.reshape(-1), k)
+        score = logits_first.gather(1, k[:, None]).sum()
+        gradient_saliency = saliency_map(torch.autograd.grad(score, x)[0])
+        gates = [torch.ones_like(r).requires_grad_(True) for r in relu]
+        opt = torch.optim.SGD(gates, lr=lr, momentum=momentum)
+        for _ in range(iters):
+            logits = net.gated(image, gates)[0]
+            loss = -logits.gather(1, k[:, None]).sum() + sparsity * sum(z.abs().sum() for z in gates)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for z in gates:
+                    z.clamp_(0.0, 1.0)
+        x = image.clone().requires_grad_(True)
+        logits = net.gated(x, gates)[0]
+        saliency = saliency_map(torch.autograd.grad(logits.gather(1, k[:, None]).sum(), x)[0])
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return {"logits_first": logits_first.detach(), "logits": logits.detach(), "saliency": saliency,
+            "gradient_saliency": gradient_saliency, "gates": [z.detach() for z in gates]}
+
+
+def pointing_hits(saliency: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The pointing game: whether each map's maximum falls inside the digit's box (x0, y0, x1, y1 in [0, 1])."""
+    n, h, w = saliency.shape[0], saliency.shape[-2], saliency.shape[-1]
+    idx = saliency.reshape(n, -1).argmax(-1)
+    y, x = (idx // w + 0.5) / h, (idx % w + 0.5) / w
+    return (x >= boxes[:, 0]) & (x <= boxes[:, 2]) & (y >= boxes[:, 1]) & (y <= boxes[:, 3])
+
+
+def feedback_metrics(outputs: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> dict[str, float]:
+    return {"second_look_accuracy": accuracy(outputs["logits"], data["label"]),
+            "pointing_feedback": float(pointing_hits(outputs["saliency"], data["box"]).mean()),
+            "pointing_gradient": float(pointing_hits(outputs["gradient_saliency"], data["box"]).mean())}
+
+
+def feedback_bars(metrics: dict[str, float]) -> list[str]:
+    fb, gr = metrics["pointing_feedback"], metrics["pointing_gradient"]
+    return [] if fb >= gr else [f"feedback pointing-game hit rate {fb:.4f} < the gradient baseline's {gr:.4f}"]
+
+
+def feedback_cnn(iters: int = ITERS, num_classes: int = 10, in_chans: int = 1) -> FeedbackCNN:
+    return FeedbackCNN(num_classes, in_chans, iters=iters)
+
+
+def _saliency(name: str, what: str) -> TensorSpec:
+    return TensorSpec(name, (1, *SIDE), "float32", "map", what)
+
+
+register_model(ModelSpec(
+    name="feedback",
+    family="feedback",
+    builder=feedback_cnn,
+    description=f"Feedback CNN: ReLU gates optimised top-down for the target class ({ITERS} unrolled iterations)",
+    inputs=(image_input(),
+            TensorSpec("target", (1,), "int64", "tensor", "class to attend to; -1: the first look's top-1",
+                       value_range=(-1, 9), optional=True, default=-1)),
+    outputs=(class_logits("logits_first"),
+             TensorSpec("logits", (10,), "float32", "logits", "class logits of the second look (gated network)"),
+             _saliency("saliency", "feedback saliency |dS_k/dx| with the optimised gates"),
+             _saliency("gradient_saliency", "plain gradient saliency |dS_k/dx| (all gates 1): the baseline")),
+    task=Classification(output="logits_first", min_accuracy=0.95),
+    train=TrainRecipe(steps=1500, batch_size=64, lr=3e-3, metrics=feedback_metrics),
+    checks=Checks(bars=feedback_bars),
+))

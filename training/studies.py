@@ -1,0 +1,130 @@
+"""The zoo's measured claims: ``python -m training.studies NAME [--seeds 0 1 2]`` (``make study STUDY=NAME``).
+
+Each study names its arms (specs trained with one recipe) and the paper's claims checked against the seed
+spread; see ``training.study``. Not part of ``make export``: a study trains many models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from training.registry import ModelSpec, get_spec, list_models
+from training.study import Arm, Claim, Study, get_study, list_studies, register_study, run_study
+
+GA_SUBSETS = {
+    "1000": "E1 only: query-key content (Transformer)",
+    "0010": "E3 only: key content",
+    "0001": "E4 only: relative position",
+    "0011": "E3 + E4",
+    "0111": "E2 + E3 + E4",
+    "1111": "all four terms",
+}
+NONLOCAL = ("gaussian", "embedded", "dot", "concat")
+
+
+def _gen_attention(bits: str) -> ModelSpec:
+    from training.models.generalized_attention import ablation_spec
+
+    name = f"gen_attention_{bits}"
+    # The served subsets are the registered specs (their shipped weights are seed 0's run).
+    return get_spec(name) if name in list_models() else dataclasses.replace(ablation_spec(bits, 0), name=name)
+
+
+@register_study("attention")
+def attention_study() -> Study:
+    ga = [Arm(f"GA {bits}", _gen_attention(bits), note) for bits, note in GA_SUBSETS.items()]
+    nl = [Arm(f"NL {m}", get_spec(f"nonlocal_{m}"), f"non-local block, {m}") for m in NONLOCAL]
+    return Study(
+        name="attention",
+        title="Spatial attention on cluttered digits: generalized attention term subsets, Non-local blocks, "
+              "plain CNN",
+        arms=(Arm("CNN", get_spec("cnn"), "plain small CNN (no attention block)"), *nl, *ga),
+        claims=(
+            Claim("Zhu et al.: query-key content (E1) plays a minor role (E2+E3+E4 ≈ all four)",
+                  ("GA 0111",), ("GA 1111",), "similar"),
+            Claim("Zhu et al.: key content + relative position beat Transformer's content-only attention",
+                  ("GA 0011",), ("GA 1000",)),
+            Claim("Zhu et al.: key content alone (E3) does at least as well as E1 alone",
+                  ("GA 0010",), ("GA 1000",)),
+            Claim("Wang et al.: a Non-local block improves its baseline (mean of the four)",
+                  tuple(a.label for a in nl), ("CNN",)),
+            Claim("generalized attention (all four terms) improves the plain CNN", ("GA 1111",), ("CNN",)),
+        ),
+        description="Every attention block sits in the same small CNN at 1/4 resolution (`training/models/`); "
+                    "the GA and NL arms at seed 0 are the served models' shipped checkpoints when their "
+                    "fingerprints match.",
+    )
+
+
+@register_study("residual_attention")
+def residual_attention_study() -> Study:
+    from training.models.residual_attention import variant_spec
+
+    arms = (
+        Arm("naive", variant_spec(use_mask=False, name="residual_attention_naive"),
+            "the same trunks, no soft-mask branches (naive stacking)"),
+        Arm("mixed", get_spec("residual_attention"), "(1 + M) * T, sigmoid mask (served)"),
+        Arm("channel", variant_spec("channel", name="residual_attention_channel"),
+            "(1 + M) * T, L2 over channels"),
+        Arm("spatial", variant_spec("spatial", name="residual_attention_spatial"),
+            "(1 + M) * T, standardised spatial maps"),
+        Arm("mixed M*T", variant_spec(residual=False, name="residual_attention_mt"),
+            "M * T: no attention residual learning"),
+    )
+    return Study(
+        name="residual_attention",
+        title="Residual Attention Network on cluttered digits: mask branches, normalisations, residual learning",
+        arms=arms,
+        claims=(
+            Claim("Wang et al.: attention modules beat the same trunk without masks", ("mixed",), ("naive",)),
+            Claim("Wang et al.: mixed attention beats channel attention", ("mixed",), ("channel",)),
+            Claim("Wang et al.: mixed attention beats spatial attention", ("mixed",), ("spatial",)),
+            Claim("Wang et al.: attention residual learning (1 + M) * T beats M * T", ("mixed",), ("mixed M*T",)),
+        ),
+        description="Two attention modules (mask depths 2 and 1) in the miniature network of "
+                    "`training/models/residual_attention.py`; the served model is the mixed arm at seed 0.",
+    )
+
+
+@register_study("macnn")
+def macnn_study() -> Study:
+    from training.models.macnn import variant_spec
+
+    return Study(
+        name="macnn",
+        title="MA-CNN on cluttered digits: 2 vs 4 parts",
+        arms=(Arm("P=2", variant_spec(2, name="macnn_p2"), "two part maps"),
+              Arm("P=4", get_spec("macnn"), "four part maps (served)")),
+        claims=(Claim("more parts help (P = 4 beats P = 2)", ("P=4",), ("P=2",)),),
+        also=("best_part_accuracy", "peak_distance", "map_overlap"),
+        description="Beside the fused accuracy: the best single part's accuracy, the mean distance between part "
+                    "peaks (image units) and the mean soft overlap between part maps, on the test split.",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.studies", description=__doc__)
+    p.add_argument("study", nargs="?", help="study name (omit to list them)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's)")
+    a = p.parse_args(argv)
+    if a.study is None:
+        print("\n".join(list_studies()))
+        return 0
+    try:
+        study = get_study(a.study)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    results = run_study(study, tuple(a.seeds) if a.seeds else None)
+    for arm in results["arms"]:
+        print(f"{arm['label']:>12}: mean {100 * arm['mean']:.2f}  spread {100 * arm['range']:.2f}")
+    for c in results["claims"]:
+        print(f"- {c['text']}: {c['verdict']}")
+    print(f"report: reports/study_{study.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
