@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from training.registry import TensorSpec
+from training.registry import ModelSpec, TensorSpec
 from training.tasks import output_kind
 
 
@@ -62,6 +62,11 @@ class Comparison:
 
     def as_dict(self) -> dict:
         return {"where": self.where, "ok": self.ok, "outputs": {k: asdict(o) for k, o in self.outputs.items()}}
+
+
+def spec_tolerance(spec: ModelSpec, min_agreement: float | None = 1.0) -> dict[str, Tolerance]:
+    """The fp32 parity tolerance of every output of ``spec``: its max abs bound and the agreement required."""
+    return {t.name: Tolerance(spec.checks.max_abs(t.name), min_agreement) for t in spec.outputs}
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], outputs: Iterable[TensorSpec],

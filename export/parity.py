@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.compare import Tolerance, compare, merge
+from export.compare import Tolerance, compare, merge, spec_tolerance
 from export.runners import ComposedRunner, OnnxRuntimeRunner, Runner, TorchRunner
 from training.feeds import sample_feeds
 from training.registry import ModelSpec
@@ -56,7 +56,7 @@ def check_parity(spec: ModelSpec, model: Any, graph_paths: dict[str, Path] | Pat
     """``graph_paths``: graph name -> ONNX file (a single path for a one-graph model)."""
     if not isinstance(graph_paths, dict):
         graph_paths = {spec.deploy_graphs()[0].name: Path(graph_paths)}
-    tol = tol or Tolerance(spec.checks.fp32_max_abs, 1.0)
+    tol = tol or spec_tolerance(spec)
     reference = TorchRunner.for_spec(spec, model)
     runner = deployed_runner(spec, graph_paths, custom_ops=custom_ops)
     result = ParityResult(spec.name, [str(p) for p in graph_paths.values()])

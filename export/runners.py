@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from training.registry import Composition, ModelSpec
+from training.registry import Composition, ModelSpec, TensorSpec
 
 
 class Runner(Protocol):
@@ -27,19 +27,27 @@ class TorchRunner:
     """The torch model: named feeds in the spec's input order, outputs named by the spec."""
 
     def __init__(self, model: Any, input_names: tuple[str, ...], output_names: tuple[str, ...],
-                 device: str = "cpu", autocast_fp16: bool = False, name: str = "torch") -> None:
+                 device: str = "cpu", autocast_fp16: bool = False, name: str = "torch",
+                 optional: tuple[TensorSpec, ...] = ()) -> None:
         import copy
 
         self.model = model.eval() if device == "cpu" else copy.deepcopy(model).to(device).eval()
         self.input_names, self.output_names = input_names, output_names
         self.device, self.autocast_fp16, self.name = device, autocast_fp16, name
+        self.optional = {t.name: t for t in optional}  # fed their default when left out, as the server does
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, model: Any, **kw: Any) -> TorchRunner:
-        return cls(model, spec.input_names, spec.output_names, **kw)
+        return cls(model, spec.input_names, spec.output_names, optional=tuple(t for t in spec.inputs if t.optional),
+                   **kw)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
+
+        missing = [n for n in self.input_names if n not in feeds and n in self.optional]
+        if missing:
+            n = len(next(iter(feeds.values())))
+            feeds = {**feeds, **{m: self.optional[m].default_batch(n) for m in missing}}
 
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16,

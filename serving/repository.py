@@ -124,9 +124,12 @@ def input_bounds(inputs: Iterable[TensorSpec]) -> dict[str, dict[str, list[int]]
     return {t.name: {str(i): [d.min, d.max] for i, d in t.dynamic.items()} for t in inputs if t.dynamic}
 
 
-def _add_tensors(cfg: Any, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> None:
+def _add_tensors(cfg: Any, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec], optional: bool = True) -> None:
+    """``optional=False``: every input required (NVIDIA's native backends hand the graph only what the request
+    holds, and an exported graph needs all its inputs; the python backend fills in the defaults)."""
     for t in inputs:
-        cfg.input.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape), optional=t.optional)
+        cfg.input.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape),
+                      optional=optional and t.optional)
     for t in outputs:
         cfg.output.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
 
@@ -178,7 +181,7 @@ def graph_config(spec: ModelSpec, graph: GraphSpec | None = None, target: str = 
     else:
         cfg.platform = platform or "onnxruntime_onnx"
         cfg.default_model_filename = layout.PLAN_FILE if cfg.platform == "tensorrt_plan" else layout.ONNX_FILE
-    _add_tensors(cfg, graph.inputs, graph.outputs)
+    _add_tensors(cfg, graph.inputs, graph.outputs, optional=target == "cpu")
     if dynamic_batching:
         cfg.dynamic_batching.preferred_batch_size.extend(b for b in so.preferred_batch_sizes if b <= mbs)
         cfg.dynamic_batching.max_queue_delay_microseconds = so.max_queue_delay_us
@@ -291,10 +294,8 @@ def validate_config(text: str, deployable: Deployable | None = None, source: str
         if cfg.name.removesuffix(TRT_SUFFIX) != deployable.triton_name:
             fail(f"model name {cfg.name!r} does not match {deployable.triton_name!r}")
         for kind, got, want in (("input", cfg.input, deployable.inputs), ("output", cfg.output, deployable.outputs)):
-            got_t = [(t.name, mc.DataType.Name(t.data_type), list(t.dims), getattr(t, "optional", False))
-                     for t in got]
-            want_t = [(t.name, mc.DataType.Name(_triton_dtype(t.dtype)), list(t.shape), getattr(t, "optional", False))
-                      for t in want]
+            got_t = [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in got]
+            want_t = [(t.name, mc.DataType.Name(_triton_dtype(t.dtype)), list(t.shape)) for t in want]
             if got_t != want_t:
                 fail(f"{kind}s {got_t} do not match the spec's {want_t}")
     return cfg

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.compare import Tolerance, compare
+from export.compare import compare, spec_tolerance
 from export.runners import OnnxRuntimeRunner, TorchRunner
 from serving import repository as rep
 from serving.server import TritonServer, free_ports, port_free
@@ -48,7 +48,7 @@ def _torch_outputs(model: torch.nn.Module, x: np.ndarray, spec) -> dict[str, np.
 
 def _assert_parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], spec, where: str) -> None:
     assert set(got) == set(ref), where
-    c = compare(ref, got, spec.outputs, Tolerance(spec.checks.fp32_max_abs, 1.0), where=where)
+    c = compare(ref, got, spec.outputs, spec_tolerance(spec), where=where)
     assert c.ok, c.failures
 
 
@@ -91,7 +91,12 @@ def test_every_spec_config_validates_with_triton_protobuf(target):
         kinds = json.loads(cfg.parameters["output_kinds"].string_value)
         assert kinds == {t.name: t.kind for t in spec.outputs}
         bounds = json.loads(cfg.parameters["input_bounds"].string_value)
-        assert bounds == {t.name: {str(i): [d.min, d.max] for i, d in t.dynamic.items()} for t in spec.inputs}
+        assert bounds == {t.name: {str(i): [d.min, d.max] for i, d in t.dynamic.items()}
+                          for t in spec.inputs if t.dynamic}
+        # Only the python backend fills in defaults; native backends get every input from the request.
+        assert [i.optional for i in cfg.input] == [t.optional and target == "cpu" for t in spec.inputs]
+        defaults = json.loads(cfg.parameters["input_defaults"].string_value)
+        assert defaults == {t.name: t.default for t in spec.inputs if t.optional}
         off = rep.model_config(spec, target, dynamic_batching=False)
         assert not off.HasField("dynamic_batching")
 
@@ -650,3 +655,42 @@ def test_wire_equals_load_trained(trained_server, name):
         ref = _torch_outputs(model, images[:32], spec)
         for i, g in enumerate(got):
             _assert_parity(g, {k: v[i:i + 1] for k, v in ref.items()}, spec, f"{protocol} concurrent {i}")
+
+
+def _models_with_optional_inputs() -> list[str]:
+    from training.registry import get_spec, list_models
+
+    return [n for n in list_models() if any(t.optional for t in get_spec(n).inputs)]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", _models_with_optional_inputs())
+def test_optional_inputs_default_values_and_range_errors(trained_server, name):
+    """Left out, an optional input is its default; given, it is used; out of its range, the request gets an
+    error naming the input and the range, and the server keeps answering."""
+    from serving.client import ClientError
+    from training import load_trained
+    from training.registry import get_spec
+
+    if name not in _trained_names():
+        pytest.skip(f"{name!r}: no trained checkpoint or exported graph; run `make export` first")
+    spec, model = get_spec(name), load_trained(name)
+    images, _ = _real_images(4, spec.train.canvas)
+    ref_default = _torch_outputs(model, images, spec)
+    for t in (t for t in spec.inputs if t.optional):
+        hi = t.value_range[1]
+        chosen = np.full((4, *t.shape), hi, dtype=t.dtype)
+        ref_chosen = TorchRunner.for_spec(spec, model).infer({spec.inputs[0].name: images, t.name: chosen})
+        for protocol in PROTOCOLS:
+            c = _client(trained_server, name, protocol)
+            _assert_parity(c.infer(images), ref_default, spec, f"{protocol} {t.name} left out")
+            _assert_parity(c.infer({spec.inputs[0].name: images, t.name: t.default_batch(4)}), ref_default, spec,
+                           f"{protocol} {t.name} = default")
+            _assert_parity(c.infer({spec.inputs[0].name: images, t.name: chosen}), ref_chosen, spec,
+                           f"{protocol} {t.name} = {hi}")
+            bad = np.full((4, *t.shape), hi + 1, dtype=t.dtype)
+            with pytest.raises(ClientError, match=f"{t.name}.*values must be in"):  # the client refuses it
+                c.infer({spec.inputs[0].name: images, t.name: bad})
+            with pytest.raises(ClientError, match=f"{t.name}.*values must be in"):  # and so does the server
+                c.infer({spec.inputs[0].name: images, t.name: bad}, validate=False)
+            _assert_parity(c.infer(images), ref_default, spec, f"{protocol} after a bad request")

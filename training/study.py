@@ -13,6 +13,7 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from tqdm import tqdm
@@ -97,7 +98,7 @@ def seeded(spec: ModelSpec, seed: int) -> ModelSpec:
     return dataclasses.replace(spec, name=f"{spec.name}@seed{seed}", train=dataclasses.replace(spec.train, seed=seed))
 
 
-def results_path(study: Study, suffix: str) -> Any:
+def results_path(study: Study, suffix: str) -> Path:
     return paths.REPORTS_DIR / f"study_{study.name}.{suffix}"
 
 

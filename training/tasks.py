@@ -116,12 +116,25 @@ class AttentionMap(OutputKind):
         return f"{name}: map {v['shape']}, peak (y, x) {v['peak_yx']}, range [{v['min']}, {v['max']}]"
 
 
+class SaliencyMap(AttentionMap):
+    """A saliency map whose answer is where it points (the pointing game): agreement = the fraction of maps
+    whose maximum is at the same position."""
+
+    name = "saliency"
+
+    def agreement(self, ref: np.ndarray, got: np.ndarray) -> float | None:
+        if ref.size == 0:
+            return None
+        n = ref.shape[0]
+        return float(np.mean(ref.reshape(n, -1).argmax(1) == got.reshape(n, -1).argmax(1)))
+
+
 class Image(OutputKind):
     name = "image"
 
 
 _KINDS: dict[str, OutputKind] = {k.name: k() for k in (OutputKind, ClassLogits, SegmentationLogits, Boxes,
-                                                        AttentionMap, Image)}
+                                                        AttentionMap, SaliencyMap, Image)}
 
 
 def output_kind(name: str) -> OutputKind:

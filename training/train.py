@@ -45,9 +45,7 @@ def data_feeds(spec: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
 def _default(t: TensorSpec, like: Any) -> Any:
     """An optional input's default for as many samples as ``like`` holds, as the server feeds it (numpy or
     torch, like the data)."""
-    if t.dynamic:
-        raise ValueError(f"optional input {t.name!r} has dynamic axes: its default has no shape")
-    a = np.full((len(like), *t.shape), t.default, dtype=t.dtype)
+    a = t.default_batch(len(like))
     return torch.from_numpy(a) if isinstance(like, torch.Tensor) else a
 
 
