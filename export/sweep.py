@@ -55,14 +55,15 @@ def _latency(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int)
 
 
 def _engine(onnx_path: Path, spec: ModelSpec, archs: tuple[str, ...]) -> dict[str, Any]:
-    from export.tensorrt import build_engine, parse_onnx, trt_available
+    from export.tensorrt import TensorRTParseError, build_engine, parse_onnx, trt_available
 
     if not trt_available():
         return {"tensorrt": "not installed"}
-    report = parse_onnx(onnx_path)
-    out: dict[str, Any] = {"tensorrt": "parsed" if report.ok else "parse failed"}
-    if not report.ok:
-        return out
+    try:
+        report = parse_onnx(onnx_path)
+    except TensorRTParseError as e:
+        return {"tensorrt": f"parse failed: {str(e).splitlines()[0][:120]}"}
+    out: dict[str, Any] = {"tensorrt": f"parsed ({report.num_layers} layers)"}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             info = build_engine(onnx_path, spec, Path(tmp) / "model.plan", archs=archs, timing_cache=False)

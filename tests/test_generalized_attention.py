@@ -341,7 +341,7 @@ def test_onnx_parity_non_square(exported, batch, height, width):
     ref = TorchRunner.for_spec(spec, model).infer(feeds)
     got = OnnxRuntimeRunner(path).infer(feeds)
     assert got["attention"].shape == ref["attention"].shape
-    assert ref["attention"].max() > 2.0 / ref["attention"][0].size  # a peaked map, not a uniform one
+    assert ref["attention"].max() > 1.5 * ref["attention"].min()  # a map with structure, not a uniform one
     c = compare(ref, got, spec.outputs, Tolerance(1e-4, 1.0))
     assert c.ok, c.failures
 

@@ -95,3 +95,24 @@ def test_retraining_the_cheapest_model_reproduces_the_shipped_one(tmp_path, monk
 def test_models_built_by_the_same_code_have_their_own_fingerprints():
     names = list_models(family="nonlocal")
     assert len({weights_fingerprint(get_spec(n)) for n in names}) == len(names)
+
+
+def test_function_digest_follows_the_file_not_stale_line_numbers(tmp_path, monkeypatch):
+    """A long-running process (a study) must not hash the wrong lines after an edit above a loss function."""
+    import importlib
+    import sys
+
+    from training.fingerprint import function_digest
+
+    mod = tmp_path / "lossmod_fp.py"
+    mod.write_text("class Task:\n    def loss(self, x):\n        return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = importlib.import_module("lossmod_fp")
+    try:
+        before = function_digest(m.Task.loss)
+        mod.write_text("import os\n\n\nclass Other:\n    pass\n\n\n" + mod.read_text())
+        assert function_digest(m.Task.loss) == before  # only lines above it moved
+        mod.write_text("class Task:\n    def loss(self, x):\n        return x + 2\n")
+        assert function_digest(m.Task.loss) != before  # its own code changed
+    finally:
+        sys.modules.pop("lossmod_fp", None)

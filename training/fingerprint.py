@@ -58,9 +58,25 @@ def model_modules(builder: Callable | None) -> list[str]:
     return [home.__name__, *sorted(used - {home.__name__})]
 
 
+def function_digest(fn: Callable) -> str:
+    """``code_digest`` of a function's definition, found by its qualified name in its module's file as it is
+    on disk now. ``inspect.getsource(fn)`` reads the current file at the line numbers the function had when it
+    was imported: after an edit above it, a long-running process (a study) would hash the wrong lines."""
+    module = sys.modules.get(fn.__module__)
+    try:
+        nodes: list[ast.AST] = [ast.parse(inspect.getsource(module))] if module else []
+    except (OSError, TypeError):
+        nodes = []
+    for part in fn.__qualname__.split("."):
+        nodes = [c for n in nodes for c in ast.iter_child_nodes(n)
+                 if isinstance(c, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and c.name == part]
+    if len(nodes) != 1:  # a lambda or a nested function: its own source text
+        return code_digest(inspect.getsource(fn))
+    return ast.dump(_strip_docstrings(ast.Module(body=nodes, type_ignores=[])))
+
+
 def _loss_source(spec: ModelSpec) -> str:
-    loss = spec.train.loss or type(spec.task).loss
-    return inspect.getsource(loss)
+    return function_digest(spec.train.loss or type(spec.task).loss)
 
 
 def _describe(value: Any) -> Any:
@@ -85,7 +101,7 @@ def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: i
     # built by the same code; the name ties the weights to the one model they are for.
     builder_args = (getattr(spec.builder, "__defaults__", None), getattr(spec.builder, "__kwdefaults__", None))
     parts = [spec.name, repr(builder_args), json.dumps(values, sort_keys=True),
-             json.dumps(task, sort_keys=True, default=str), type(spec.task).__name__, code_digest(_loss_source(spec))]
+             json.dumps(task, sort_keys=True, default=str), type(spec.task).__name__, _loss_source(spec)]
     parts += [code_digest(inspect.getsource(sys.modules[m])) for m in model_modules(spec.builder)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

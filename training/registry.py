@@ -182,9 +182,14 @@ class Checks:
     # Per-output fp32 bounds where an output cannot meet ``fp32_max_abs`` (measured, with the reason beside it);
     # its agreement rule still applies in full.
     output_max_abs: dict[str, float] = field(default_factory=dict)
+    # Per-output FP16 agreement bars where an output cannot meet ``fp16_min_agreement`` (measured, with why).
+    fp16_output_agreement: dict[str, float] = field(default_factory=dict)
 
     def max_abs(self, output: str) -> float:
         return self.output_max_abs.get(output, self.fp32_max_abs)
+
+    def fp16_agreement(self, output: str) -> float:
+        return self.fp16_output_agreement.get(output, self.fp16_min_agreement)
 
 
 @dataclass(frozen=True)

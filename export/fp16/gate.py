@@ -80,8 +80,8 @@ def measure(spec: ModelSpec, reference: dict[str, np.ndarray], fp16_graphs: dict
     output), ``failures`` and ``passed``."""
     got = infer_batched(deployed_runner(spec, fp16_graphs), feeds, batch)
     bar = spec.checks.fp16_min_agreement
-    gate = compare(reference, got, spec.outputs, Tolerance(max_abs=None, min_agreement=bar),
-                   where=f"model {spec.name!r} FP16")
+    bars = {t.name: Tolerance(max_abs=None, min_agreement=spec.checks.fp16_agreement(t.name)) for t in spec.outputs}
+    gate = compare(reference, got, spec.outputs, bars, where=f"model {spec.name!r} FP16")
     errors = compare(reference, got, spec.outputs, Tolerance(max_abs=math.inf, min_agreement=None))
     agreements = gate.agreements()
     return {
@@ -102,8 +102,9 @@ def require_agreement(spec: ModelSpec, result: dict[str, Any]) -> None:
         return
     worst = min(result["agreements"].items(), key=lambda kv: kv[1], default=None)
     where = f"output {worst[0]!r}: agreement {worst[1]:.4f}" if worst else "; ".join(result["failures"][:2])
+    bar = spec.checks.fp16_agreement(worst[0]) if worst else result["min_agreement"]
     raise Fp16AgreementError(
-        f"model {spec.name!r}: FP16 {where} < {result['min_agreement']} on {result['n']} test images "
+        f"model {spec.name!r}: FP16 {where} < {bar} on {result['n']} test images "
         f"({'; '.join(result['failures'][:3])}); keep more ops in fp32 "
         "(spec.export.fp16_keep_fp32_ops; `python -m export.fp16 <model> --probe --sweep` finds them)"
     )
