@@ -78,7 +78,8 @@ def sweep(name: str, param: str, values: list[Any], batches: tuple[int, ...] = (
     spec = get_spec(name)
     torch.set_num_threads(threads)
     state = torch.load(checkpoint_path(name), map_location="cpu", weights_only=True)
-    test = make_split("test", test_size, spec.train.canvas, seed=spec.train.seed + 1)  # unseen by training
+    # seed + 1: images unseen by training
+    test = make_split("test", test_size, spec.train.canvas, seed=spec.train.seed + 1, source=spec.train.data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for value in tqdm(values, desc=f"sweep {name} {param}"):

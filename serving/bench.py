@@ -70,6 +70,7 @@ class Settings:
     pin: bool = True  # server + in-process references on the last cores, load generator on the first
     max_queue_delay_us: int | None = None  # override the spec's dynamic-batching queue delay
     frontdoor_requests: int = 300  # per path, for the front door's added latency
+    large_response_requests: int = 10  # per wire format, for models with MB-sized responses
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -329,6 +330,82 @@ def frontdoor_markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LARGE_RESPONSE_BYTES = 1 << 20  # batch-64 responses above this get the wire-format comparison
+
+
+def response_bytes(spec, batch: int) -> int:
+    """Bytes of a response's tensors at ``batch`` and the spec's opt sizes."""
+    return sum(batch * int(np.prod(o.concrete())) * np.dtype(o.dtype).itemsize for o in spec.outputs)
+
+
+def large_response_latency(server, model: str, n: int, log: Callable[[str], None], batch: int = 64
+                           ) -> dict[str, Any]:
+    """One batch-``batch`` request of real images, over gRPC, HTTP with binary tensors and HTTP with JSON
+    tensors, interleaved ``n`` times: what a model with several MB per response costs on each wire format."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from training.registry import get_spec
+
+    spec = get_spec(model)
+    feeds = example_inputs(spec, batch)
+    clients = {"grpc": grpcclient.InferenceServerClient(server.grpc_url),
+               "http binary": httpclient.InferenceServerClient(server.http_url, network_timeout=120),
+               "http JSON": httpclient.InferenceServerClient(server.http_url, network_timeout=120)}
+
+    def call(kind: str) -> float:
+        tc = grpcclient if kind == "grpc" else httpclient
+        kw = {} if kind == "grpc" else {"binary_data": kind == "http binary"}
+        reqs = []
+        for name, a in feeds.items():
+            r = tc.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
+            r.set_data_from_numpy(a, **kw)
+            reqs.append(r)
+        outs = [tc.InferRequestedOutput(o.name, **kw) for o in spec.outputs]
+        t = time.perf_counter()
+        res = clients[kind].infer(model, reqs, outputs=outs)
+        got = [res.as_numpy(o.name) for o in spec.outputs]
+        dt = time.perf_counter() - t
+        if any(g is None or g.shape[0] != batch for g in got):
+            raise RuntimeError(f"model {model!r}: {kind} response is missing outputs or samples")
+        return dt
+
+    lat: dict[str, list[float]] = {k: [] for k in clients}
+    try:
+        for i in range(n + 1):  # the first round warms up
+            for kind in clients:
+                dt = call(kind)
+                if i:
+                    lat[kind].append(dt * 1e3)
+    finally:
+        for c in clients.values():
+            c.close()
+    out = {"model": model, "batch": batch, "response_bytes": response_bytes(spec, batch), "requests": n,
+           **{k: percentiles(v) for k, v in lat.items()}}
+    log(f"{model} batch {batch} ({out['response_bytes'] / 1e6:.1f} MB): " +
+        ", ".join(f"{k} p50 {out[k]['p50']:.1f} ms" for k in clients))
+    return out
+
+
+def large_response_markdown(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return ""
+    lines = ["", "## Large responses", "",
+             f"Models whose response to a batch of 64 exceeds {LARGE_RESPONSE_BYTES >> 20} MiB (per-pixel outputs): "
+             "one batch-64 request of real images, interleaved over gRPC, HTTP with binary tensors (what "
+             "`serving.client` sends) and HTTP with JSON tensors. ms, client-measured round trip including "
+             "decoding the response.", "",
+             "| model | response | gRPC p50 / p95 / p99 | HTTP binary p50 / p95 / p99 | HTTP JSON p50 / p95 / p99 | "
+             "JSON / binary (p50) |", "|---|---|---|---|---|---|"]
+    for r in results:
+        cell = {k: " / ".join(f"{r[k][q]:.1f}" for q in ("p50", "p95", "p99")) for k in
+                ("grpc", "http binary", "http JSON")}
+        lines.append(f"| {r['model']} | {r['response_bytes'] / 1e6:.1f} MB | {cell['grpc']} | {cell['http binary']} | "
+                     f"{cell['http JSON']} | {r['http JSON']['p50'] / r['http binary']['p50']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def _find(rows: list[Row], **kw) -> Row | None:
     return next((r for r in rows if all(getattr(r, k) == v for k, v in kw.items())), None)
 
@@ -511,6 +588,10 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
                         notes.append(f"{m}: torch row uses {note} (no checkpoint)")
                 meta["frontdoor"] = frontdoor_latency(server, served[0] if served else rep.FLOOR_MODEL,
                                                       s.frontdoor_requests, log)
+                meta["large_responses"] = [
+                    large_response_latency(server, m, s.large_response_requests, log) for m in served
+                    if response_bytes(get_spec(m), 64) > LARGE_RESPONSE_BYTES
+                    and get_spec(m).serving.max_batch_size >= 64]
         finally:
             if split:
                 pin_this_process(all_cpus)
@@ -527,6 +608,7 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
     write_markdown(out_dir / "bench.md", rows, summary, meta)
     with open(out_dir / "bench.md", "a") as f:
         f.write(frontdoor_markdown(meta["frontdoor"]))
+        f.write(large_response_markdown(meta["large_responses"]))
     plot(out_dir / "bench.png", rows)
     return {"meta": meta, "summary": summary, "rows": rows}
 
@@ -553,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                  intra_op_threads=args.intra_op_threads, pin=not args.no_pin,
                  max_queue_delay_us=args.max_queue_delay_us)
     if args.quick:
-        s.window_ms, s.inprocess_s, s.frontdoor_requests = 1000, 1.0, 50
+        s.window_ms, s.inprocess_s, s.frontdoor_requests, s.large_response_requests = 1000, 1.0, 50, 4
     try:
         from training import paths
 

@@ -369,6 +369,31 @@ def _format(label: str, d: dict[str, Any], kinds: dict[str, str]) -> str:
     return "\n".join([label, *(f"  {output_kind(kinds.get(n, 'tensor')).format(n, v)}" for n, v in d.items())])
 
 
+def drawn_path(base: Path, item: int, n_items: int, output: str, n_outputs: int) -> Path:
+    """Where one drawing goes: ``base`` itself for one image and one output, else ``base`` with the image's
+    index and/or the output's name before the suffix (``mask_3.png``, ``maps_scale_weights.png``)."""
+    parts = [base.stem, *([str(item)] if n_items > 1 else []), *([output] if n_outputs > 1 else [])]
+    return base.with_name("_".join(parts) + (base.suffix or ".png"))
+
+
+def save_drawings(base: Path, outputs: dict[str, np.ndarray], kinds: dict[str, str], names: list[str],
+                  i: int, item: int, n_items: int) -> list[Path]:
+    """Draw sample ``i`` of the batch (the CLI's image number ``item``) of each output in ``names`` (its kind's
+    ``render``) as a PNG; returns the paths."""
+    from PIL import Image
+
+    saved = []
+    for name in names:
+        rgb = output_kind(kinds.get(name, "tensor")).render(outputs[name][i])
+        if rgb is None:
+            continue
+        path = drawn_path(base, item, n_items, name, len(names))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(path)
+        saved.append(path)
+    return saved
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="*", type=Path, help="PNG/JPEG or .npy files")
@@ -379,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", type=int, default=64, help="canvas side of --sample images")
     p.add_argument("--set", action="append", default=[], metavar="INPUT=VALUE",
                    help="a value for another input, the same for every image (e.g. --set target=3)")
+    p.add_argument("--save-mask", type=Path, metavar="PNG",
+                   help="write each segmentation output as a colour mask PNG (index/output name added for several)")
+    p.add_argument("--save-maps", type=Path, metavar="PNG",
+                   help="write each map output (attention, weights, saliency) as heat-map PNGs")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -401,17 +430,31 @@ def main(argv: list[str] | None = None) -> int:
         for k, (_, a) in enumerate(items):
             by_shape.setdefault(a.shape, []).append(k)
         results: dict[int, dict[str, Any]] = {}
+        kinds = client.info.output_kinds
+        drawn = {flag: [n for n, kind in kinds.items() if kind in want] for flag, want in
+                 (("save_mask", ("segmentation",)), ("save_maps", ("map", "saliency")))}
+        for flag, names in drawn.items():
+            if getattr(args, flag) is not None and not names:
+                raise ClientError(f"model {args.model!r} has no output to draw for --{flag.replace('_', '-')} "
+                                  f"(its outputs: {', '.join(f'{n} ({k})' for n, k in kinds.items())})")
+        saved: dict[int, list[Path]] = {}
         for ks in by_shape.values():
             for s in range(0, len(ks), mbs):
                 chunk = ks[s:s + mbs]
                 outs = client.infer(client.with_extra_inputs(np.concatenate([items[k][1] for k in chunk]), args.set))
                 for j, k in enumerate(chunk):
-                    results[k] = describe(outs, client.info.output_kinds, j)
+                    results[k] = describe(outs, kinds, j)
+                    for flag, names in drawn.items():
+                        if getattr(args, flag) is not None:
+                            saved.setdefault(k, []).extend(
+                                save_drawings(getattr(args, flag), outs, kinds, names, j, k, len(items)))
         for k, (label, _) in enumerate(items):
+            files = [str(f) for f in saved.get(k, [])]
             if args.json:
-                print(json.dumps({"input": label, "model": args.model, "outputs": results[k]}))
+                print(json.dumps({"input": label, "model": args.model, "outputs": results[k],
+                                  **({"saved": files} if files else {})}))
             else:
-                print(_format(label, results[k], client.info.output_kinds))
+                print(_format(label, results[k], kinds) + "".join(f"\n  saved {f}" for f in files))
     except Exception as e:
         return cli_error(e, args.debug)
     return 0

@@ -26,7 +26,7 @@ def sample_feeds(spec: ModelSpec, n: int, side: int | None = None, seed: int = 0
     for t in spec.inputs:
         if t.data is not None:
             if data is None:
-                data = make_split(split, n, side or spec.train.canvas, seed)
+                data = make_split(split, n, side or spec.train.canvas, seed, spec.train.data)
             feeds[t.name] = np.ascontiguousarray(data[t.data])
         else:
             feeds[t.name] = generated(t, n, side, rng)

@@ -23,6 +23,8 @@ from typing import Any
 from training.registry import ModelSpec
 
 MODEL_PACKAGES = ("training.models", "training.ops")
+# Recipe fields added after weights were shipped, with the value every earlier recipe implied.
+ADDED_RECIPE_FIELDS = {"data": "digits", "precision": "float32", "channels_last": False}
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -92,6 +94,10 @@ def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: i
                                             {"steps": steps, "train_size": train_size, "test_size": test_size}.items()
                                             if v is not None})
     values = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("loss", "metrics", "stages")}
+    # At their defaults, fields added later leave the weights trained before they existed current.
+    for k, default in ADDED_RECIPE_FIELDS.items():
+        if values.get(k) == default:
+            del values[k]
     if r.stages:  # callables by name: their code is in the model modules hashed below
         values["stages"] = [{f.name: _describe(getattr(st, f.name)) for f in dataclasses.fields(st)}
                             for st in r.stages]
@@ -103,6 +109,10 @@ def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: i
     parts = [spec.name, repr(builder_args), json.dumps(values, sort_keys=True),
              json.dumps(task, sort_keys=True, default=str), type(spec.task).__name__, _loss_source(spec)]
     parts += [code_digest(inspect.getsource(sys.modules[m])) for m in model_modules(spec.builder)]
+    if r.data != ADDED_RECIPE_FIELDS["data"]:  # a newer source's code (the first one's weights predate this)
+        import training.data
+
+        parts.append(code_digest(inspect.getsource(training.data)))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

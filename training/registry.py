@@ -153,6 +153,11 @@ class TrainRecipe:
     test_size: int = 2_000
     canvas: int = 64
     seed: int = 0
+    data: str = "digits"  # the data source (training.data.SOURCES)
+    # Training arithmetic: "bfloat16" runs forward and loss under CPU autocast (AVX-512 BF16: 1.35x here on
+    # conv nets); weights, optimizer and the exported graphs stay float32. channels_last: NHWC convolutions.
+    precision: str = "float32"
+    channels_last: bool = False
     loss: LossFn | None = None  # None: the task's loss
     metrics: MetricsFn | None = None  # extra metrics beside the task's
     stages: tuple[Stage, ...] = ()

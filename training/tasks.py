@@ -27,6 +27,18 @@ def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+# Colours of segmentation classes (0 = background black), repeated for more classes; tab10-like.
+PALETTE = np.array([[0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                    [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]], np.uint8)
+
+
+def heat(a: np.ndarray) -> np.ndarray:
+    """A [H, W] map scaled to its own range -> RGB uint8 (black -> red -> yellow -> white)."""
+    a = np.asarray(a, np.float64)
+    t = (a - a.min()) / (np.ptp(a) or 1.0)
+    return (np.clip(np.stack([3 * t, 3 * t - 1, 3 * t - 2], -1), 0, 1) * 255).astype(np.uint8)
+
+
 class OutputKind:
     """How one output is compared and presented. Subclasses set ``name`` and override what differs."""
 
@@ -48,6 +60,10 @@ class OutputKind:
 
     def format(self, name: str, v: dict[str, Any]) -> str:
         return f"{name}: shape {v['shape']}, min {v['min']}, max {v['max']}"
+
+    def render(self, sample: np.ndarray) -> np.ndarray | None:
+        """One sample drawn as an RGB uint8 image [H, W, 3]; None where the kind is not drawn."""
+        return None
 
 
 class ClassLogits(OutputKind):
@@ -85,6 +101,11 @@ class SegmentationLogits(OutputKind):
     def format(self, name: str, v: dict[str, Any]) -> str:
         return f"{name}: {v['shape'][0]}x{v['shape'][1]} mask, pixels per class {v['pixels_per_class']}"
 
+    def render(self, sample: np.ndarray) -> np.ndarray:
+        """The per-pixel argmax as a colour mask (``PALETTE``; class 0 black)."""
+        labels = np.asarray(sample).argmax(0)
+        return PALETTE[labels % len(PALETTE)]
+
 
 class Boxes(OutputKind):
     """Boxes [..., 4] as (x0, y0, x1, y1) normalized to the input image: max abs only."""
@@ -114,6 +135,13 @@ class AttentionMap(OutputKind):
 
     def format(self, name: str, v: dict[str, Any]) -> str:
         return f"{name}: map {v['shape']}, peak (y, x) {v['peak_yx']}, range [{v['min']}, {v['max']}]"
+
+    def render(self, sample: np.ndarray) -> np.ndarray:
+        """Every channel as a heat map (each scaled to its own range), side by side with a 2 px white gap."""
+        a = np.asarray(sample, dtype=np.float64)
+        maps = a.reshape(-1, *a.shape[-2:]) if a.ndim >= 2 else a.reshape(1, 1, -1)
+        gap = np.full((maps.shape[1], 2, 3), 255, np.uint8)
+        return np.concatenate([x for m in maps for x in (heat(m), gap)][:-1], axis=1)
 
 
 class SaliencyMap(AttentionMap):

@@ -32,6 +32,15 @@ def forward(spec: ModelSpec, model: torch.nn.Module, feeds: dict[str, Any]) -> d
     return dict(zip(spec.output_names, outs, strict=True))
 
 
+def training_forward(spec: ModelSpec, model: torch.nn.Module, feeds: dict[str, Any]) -> dict[str, Any]:
+    """What a loss sees: the named outputs, plus auxiliary ones (e.g. deep supervision's per-scale logits) when
+    the model defines ``training_outputs(*inputs) -> dict`` (never exported: serving sees ``forward``)."""
+    extra = getattr(model, "training_outputs", None)
+    if extra is None:
+        return forward(spec, model, feeds)
+    return extra(*(feeds[t.name] for t in spec.inputs))
+
+
 def data_feeds(spec: ModelSpec, data: dict[str, Any]) -> dict[str, Any]:
     """The model's named inputs from a data split's arrays (each input names its array in ``data``)."""
     missing = [t.name for t in spec.inputs if not t.optional and (t.data is None or t.data not in data)]
@@ -85,9 +94,17 @@ def _stages(r: TrainRecipe, steps: int | None) -> list[Stage]:
     return [dataclasses.replace(st, steps=max(1, round(st.steps * steps / total))) for st in stages]
 
 
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float, weight_decay: float,
                loss_fn: Any, batches: Any, desc: str, progress: bool) -> None:
-    """AdamW with a linear warm-up (5%) and a cosine decay over the stage's steps."""
+    """AdamW with a linear warm-up (5%) and a cosine decay over the stage's steps, in the recipe's precision."""
+    if spec.train.precision not in PRECISIONS:
+        raise ValueError(f"model {spec.name!r}: unknown training precision {spec.train.precision!r}; "
+                         f"expected one of {sorted(PRECISIONS)}")
+    low = PRECISIONS[spec.train.precision]
+    fmt = torch.channels_last if spec.train.channels_last else torch.contiguous_format
     steps = stage.steps
     params = stage.params(model) if stage.params is not None else list(model.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -99,7 +116,9 @@ def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float,
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=2)
     for step in bar:
         batch = next(batches)
-        loss, log = loss_fn(forward(spec, model, data_feeds(spec, batch)), batch)
+        feeds = {k: v.contiguous(memory_format=fmt) if v.dim() == 4 else v for k, v in data_feeds(spec, batch).items()}
+        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+            loss, log = loss_fn(training_forward(spec, model, feeds), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -118,9 +137,11 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
     name = spec.name
     r = spec.train
     torch.manual_seed(r.seed)
-    train = make_split("train", train_size or r.train_size, r.canvas, r.seed)
-    test = make_split("test", test_size or r.test_size, r.canvas, r.seed)
+    train = make_split("train", train_size or r.train_size, r.canvas, r.seed, r.data)
+    test = make_split("test", test_size or r.test_size, r.canvas, r.seed, r.data)
     model = spec.builder()
+    if r.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     stages = _stages(r, steps)
     batches = _batches(train, min(r.batch_size, len(train["label"])), np.random.default_rng(r.seed))
     start = time.perf_counter()
@@ -131,6 +152,7 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
                    st.loss or r.loss or spec.task.loss, batches,
                    desc=f"train {name}" + (f" [{st.name}]" if len(stages) > 1 else ""), progress=progress)
     train_s = time.perf_counter() - start
+    model = model.to(memory_format=torch.contiguous_format)  # what export and the checkpoint see
     metrics: dict[str, Any] = evaluate(spec, model, test)
     record = {
         "metrics": metrics,
