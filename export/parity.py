@@ -27,6 +27,8 @@ class ParityResult:
     model: str
     paths: list[str]
     max_abs: dict[str, float] = field(default_factory=dict)  # per output, over every case
+    # With ``Checks.float64_reference``: per output, vs the float64 torch model (held to ``fp32_max_abs``).
+    max_abs_vs_float64: dict[str, float] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)  # per output with an agreement rule, mean
     cases: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -58,20 +60,33 @@ def check_parity(spec: ModelSpec, model: Any, graph_paths: dict[str, Path] | Pat
         graph_paths = {spec.deploy_graphs()[0].name: Path(graph_paths)}
     tol = tol or spec_tolerance(spec)
     reference = TorchRunner.for_spec(spec, model)
+    exact = TorchRunner.for_spec(spec, model, float64=True, name="torch float64") \
+        if spec.checks.float64_reference else None
+    strict = Tolerance(spec.checks.fp32_max_abs, None)  # every output, no per-output loosening
     runner = deployed_runner(spec, graph_paths, custom_ops=custom_ops)
     result = ParityResult(spec.name, [str(p) for p in graph_paths.values()])
-    comparisons = []
+    comparisons, exact_comparisons = [], []
     for side in spec.checks.parity_sides:
         feeds = sample_feeds(spec, max(spec.checks.parity_batches), side)
         for b in spec.checks.parity_batches:
             x = {k: v[:b] for k, v in feeds.items()}
-            c = compare(reference.infer(x), runner.infer(x), spec.outputs, tol,
+            got = runner.infer(x)
+            c = compare(reference.infer(x), got, spec.outputs, tol,
                         where=f"{spec.name} at batch {b}, {side}x{side}")
             comparisons.append(c)
-            result.cases.append({"batch": b, "side": side, "max_abs": c.max_abs(), "agreement": c.agreements()})
+            case = {"batch": b, "side": side, "max_abs": c.max_abs(), "agreement": c.agreements()}
             result.failures += c.failures
+            if exact is not None:
+                e = compare(exact.infer(x), got, spec.outputs, strict,
+                            where=f"{spec.name} vs torch float64 at batch {b}, {side}x{side}")
+                exact_comparisons.append(e)
+                case["max_abs_vs_float64"] = e.max_abs()
+                result.failures += e.failures
+            result.cases.append(case)
     summary = merge(comparisons)
     result.max_abs, result.agreement = summary["max_abs"], summary["agreement"]
+    if exact_comparisons:
+        result.max_abs_vs_float64 = merge(exact_comparisons)["max_abs"]
     if raise_on_fail and result.failures:
         raise ParityError(f"parity gate failed for {', '.join(result.paths)}: " + "; ".join(result.failures[:3]))
     return result

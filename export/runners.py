@@ -28,9 +28,14 @@ class TorchRunner:
 
     def __init__(self, model: Any, input_names: tuple[str, ...], output_names: tuple[str, ...],
                  device: str = "cpu", autocast_fp16: bool = False, name: str = "torch",
-                 optional: tuple[TensorSpec, ...] = ()) -> None:
+                 optional: tuple[TensorSpec, ...] = (), float64: bool = False) -> None:
         import copy
 
+        # float64: a copy of the model in double precision, float inputs cast up: the exact computation that
+        # float32 runtimes are each measured against (results come back as float32 like the others').
+        self.float64 = float64
+        if float64:
+            model = copy.deepcopy(model).double()
         self.model = model.eval() if device == "cpu" else copy.deepcopy(model).to(device).eval()
         self.input_names, self.output_names = input_names, output_names
         self.device, self.autocast_fp16, self.name = device, autocast_fp16, name
@@ -50,6 +55,8 @@ class TorchRunner:
             feeds = {**feeds, **{m: self.optional[m].default_batch(n) for m in missing}}
 
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
+        if self.float64:
+            args = [a.double() if a.is_floating_point() else a for a in args]
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16,
                                                      enabled=self.autocast_fp16 and self.device == "cuda"):
             outs = self.model(*args)

@@ -87,6 +87,35 @@ def test_parity_gate_passes_then_catches_a_tampered_graph(untrained_cnn, tmp_pat
         check_parity(spec, model, tampered)
 
 
+def test_float64_reference_is_the_exact_result_and_gates_at_the_strict_bound(untrained_cnn, tmp_path):
+    """With ``float64_reference`` the graph is also held to ``fp32_max_abs`` against torch in float64, even
+    where a looser per-output bound applies against torch in float32."""
+    import copy
+    import dataclasses
+
+    from export.runners import TorchRunner
+
+    spec, model, path = untrained_cnn
+    x = {"image": np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)}
+    exact = TorchRunner.for_spec(spec, model, float64=True).infer(x)["logits"]
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(torch.from_numpy(x["image"]).double())[0].float().numpy()
+    np.testing.assert_array_equal(exact, want)
+    checks = dataclasses.replace(spec.checks, float64_reference=True, output_max_abs={"logits": 1.0})
+    result = check_parity(dataclasses.replace(spec, checks=checks), model, path)
+    assert set(result.max_abs_vs_float64) == {"logits"} and result.max_abs_vs_float64["logits"] <= 1e-4
+    assert all("max_abs_vs_float64" in c for c in result.cases)
+    proto = onnx.load(path)  # off by 1e-3 in one bias: within the loose float32 bound, not the float64 one
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    init = next(t for t in proto.graph.initializer if t.name == gemm.input[2])
+    arr = numpy_helper.to_array(init).copy()
+    arr[3] += 1e-3
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, tmp_path / "off.onnx")
+    with pytest.raises(ParityError, match=r"vs torch float64 at batch \d+, \d+x\d+: output 'logits'"):
+        check_parity(dataclasses.replace(spec, checks=checks), model, tmp_path / "off.onnx")
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_trained_graph_parity(name):
     """The deployed graphs vs their torch reference on real test images, every batch size and input side."""

@@ -698,3 +698,53 @@ def test_optional_inputs_default_values_and_range_errors(trained_server, name):
                 c.infer({spec.inputs[0].name: images, t.name: bad}, validate=False)
             _assert_parity(c.infer(images), ref_default, spec, f"{protocol} after a bad request")
             c.close()
+
+
+def _models_with_kind(*kinds: str) -> list[str]:
+    from training.registry import get_spec, list_models
+
+    return [n for n in list_models() if any(o.kind in kinds for o in get_spec(n).outputs)]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name", _models_with_kind("segmentation"))
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_client_saves_the_served_mask_and_maps(trained_server, name, protocol, tmp_path):
+    """``--save-mask`` writes the served per-pixel argmax as the palette's colours, pixel for pixel what the
+    torch model gives for the same PNG; ``--save-maps`` writes every map output; several images get numbered
+    files."""
+    from PIL import Image
+
+    from training import load_trained
+    from training.data import make_split
+    from training.registry import get_spec
+    from training.tasks import PALETTE, output_kind
+
+    if name not in _trained_names():
+        pytest.skip(f"{name!r}: no trained checkpoint or exported graph; run `make export` first")
+    spec, model = get_spec(name), load_trained(name)
+    data = make_split("test", 2, 80, 5, spec.train.data)  # another size than the export's
+    pngs = []
+    for i in range(2):
+        pngs.append(tmp_path / f"in{i}.png")
+        Image.fromarray((data["image"][i, 0] * 255).round().astype(np.uint8)).save(pngs[-1])
+    sent = np.stack([np.asarray(Image.open(p), np.float32)[None] / 255.0 for p in pngs])
+    ref = _torch_outputs(model, sent, spec)
+    url = trained_server.grpc_url if protocol == "grpc" else trained_server.http_url
+    r = _run("-m", "serving.client", "--model", name, "--protocol", protocol, "--url", url, *map(str, pngs),
+             "--save-mask", str(tmp_path / "mask.png"), "--save-maps", str(tmp_path / "maps.png"), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    seg = [o.name for o in spec.outputs if o.kind == "segmentation"]
+    maps = [o.name for o in spec.outputs if o.kind in ("map", "saliency")]
+    for i, row in enumerate(rows):
+        assert len(row["saved"]) == len(seg) + len(maps), row
+        for out in seg:
+            path = tmp_path / (f"mask_{i}.png" if len(seg) == 1 else f"mask_{i}_{out}.png")
+            got = np.asarray(Image.open(path).convert("RGB"))
+            want = PALETTE[ref[out][i].argmax(0)]
+            assert got.shape == want.shape == (80, 80, 3)
+            assert (got == want).all(-1).mean() >= 0.999, "mask differs from torch's"  # a near-tie may flip
+        for out in maps:
+            path = tmp_path / (f"maps_{i}.png" if len(maps) == 1 else f"maps_{i}_{out}.png")
+            assert np.asarray(Image.open(path)).shape == output_kind("map").render(ref[out][i]).shape
