@@ -13,6 +13,7 @@ import time
 from export.pipeline import ExportSummary, export_model, print_summary
 from training import paths
 from training.cli import model_names
+from training.registry import list_models
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     paths.REPORTS_DIR.mkdir(parents=True, exist_ok=True)
     report = paths.REPORTS_DIR / ("parity_custom_ops.json" if a.custom_ops else "parity.json")
     old = json.loads(report.read_text()) if report.exists() else {}
+    registered = set(list_models())  # rows of models no longer registered go
+    old = {k: v for k, v in old.items() if k in registered}
     old.update({s.name: s.as_dict() for s in summaries})
     report.write_text(json.dumps(old, indent=2) + "\n")
     print(f"wrote {report} ({time.perf_counter() - start:.0f} s)")

@@ -178,7 +178,10 @@ def variant_spec(merge: str = "attention", scales: tuple[float, ...] = SCALES,
         task=Segmentation(output="logits", num_classes=NUM_CLASSES, min_mean_iou=0.75),
         train=RECIPE,
         # 80 and 96 px besides the export's 64: sizes frozen at export would show (0.75 * 80 = 60, * 96 = 72).
-        checks=Checks(parity_sides=(64, 80, 96)),
+        # Logits up to ~16 put 1e-4 at float32's noise floor: torch's own float32 result is 8.8e-5 from the
+        # float64 one, onnxruntime's 4.8e-5, the two float32 runtimes 1.4e-4 apart (batch 64, 80 px). So 1e-4
+        # holds against torch in float64, a measured 3e-4 against torch in float32; argmax agreement stays 100%.
+        checks=Checks(parity_sides=(64, 80, 96), float64_reference=True, output_max_abs={"logits": 3e-4}),
     )
 
 
