@@ -68,7 +68,8 @@ clean:
 reliability: $(STAMP)
 	$(PY) -m serving.reliability
 
-# A measured claim (seeded comparison of variants): `make study STUDY=attention`; not part of `make export`.
+# A measured claim (seeded comparison of variants): `make study STUDY=attention` (or residual_attention, macnn,
+# attention_to_scale); not part of `make export`.
 STUDY ?= attention
 study: $(STAMP)
 	$(PY) -m training.studies $(STUDY)

@@ -116,3 +116,29 @@ def test_function_digest_follows_the_file_not_stale_line_numbers(tmp_path, monke
         assert function_digest(m.Task.loss) != before  # its own code changed
     finally:
         sys.modules.pop("lossmod_fp", None)
+
+
+def test_recipe_fields_added_later_keep_older_fingerprints_at_their_defaults(monkeypatch):
+    """``data``, ``precision`` and ``channels_last`` came after weights were shipped: at their defaults they are
+    not hashed (so those weights stay current); set otherwise, they are, and a newer data source's code is too."""
+    import dataclasses
+    import inspect
+
+    import training.data
+    import training.fingerprint as fp
+    from training.fingerprint import ADDED_RECIPE_FIELDS
+
+    spec = get_spec("cnn")
+    base = weights_fingerprint(spec)
+    assert weights_fingerprint(dataclasses.replace(spec, train=dataclasses.replace(
+        spec.train, **ADDED_RECIPE_FIELDS))) == base
+    for change in ({"data": "multiscale"}, {"precision": "bfloat16"}, {"channels_last": True}):
+        assert weights_fingerprint(dataclasses.replace(spec, train=dataclasses.replace(spec.train, **change))) != base
+    multi = dataclasses.replace(spec, train=dataclasses.replace(spec.train, data="multiscale"))
+    before = weights_fingerprint(multi)
+    real = inspect.getsource
+    # The data module as if edited (a generator's constant changed): only the newer source's weights notice.
+    monkeypatch.setattr(fp.inspect, "getsource",
+                        lambda obj: real(obj) + ("\nEXTRA = 1\n" if obj is training.data else ""))
+    assert weights_fingerprint(multi) != before
+    assert weights_fingerprint(spec) == base
