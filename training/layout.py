@@ -52,6 +52,18 @@ def fp16_onnx_path(triton_model: str) -> Path:
     return paths.ARTIFACTS_DIR / "onnx" / f"{triton_model}.fp16.onnx"
 
 
+def int8_onnx_path(triton_model: str, flavour: str = "cpu") -> Path:
+    """The QDQ int8 graph (``export.int8``): ``cpu`` is served as ``<model>_int8``; ``tensorrt`` (symmetric, float
+    bias) is the one TensorRT parses."""
+    suffix = "" if flavour == "cpu" else f".{flavour}"
+    return paths.ARTIFACTS_DIR / "onnx" / f"{triton_model}.int8{suffix}.onnx"
+
+
+def int8_work_dir(triton_model: str) -> Path:
+    """Intermediate int8 build products: the pre-processed graph, calibration caches."""
+    return paths.ARTIFACTS_DIR / "int8" / triton_model
+
+
 def engine_dir(triton_model: str, root: str | Path | None = None) -> Path:
     """Ahead-of-time and per-precision engines: ``<root>/<model>/<precision>/model.plan``."""
     return Path(root or paths.ARTIFACTS_DIR / "engines") / triton_model

@@ -1,0 +1,179 @@
+"""Measuring the int8 choices on held-out training images: the calibration method, then what stays float.
+
+1. ``compare_calibrations``: MinMax, Entropy and Percentile each calibrate on the same training images; every
+   graph is quantized in full and measured (agreement per output, the task metric's drop, relative error)
+   against the fp32 graphs on other training images (the ``selection`` images). The best one is kept: it passes
+   the gate's bars there, then the highest agreement, then the lowest relative error of the task's output.
+2. ``node_sensitivity``: with that method, each quantized compute node in turn is left float; its row says how
+   much that lowers the task output's relative error (``gain``) and how it changes the batch-32 latency
+   (``latency_ratio``, timed interleaved with the fully quantized graph). Both matter: a node can be too
+   lossy in int8, or slower in int8 than in float (a 1-input-channel convolution: its int8 kernel took 3.6x
+   the fp32 one's time on cnn).
+3. ``choose_keep``: the nodes that are clearly faster float (ratio < ``SPEED_KEEP``), then, while the selection
+   images miss the bars, the next node by gain (at most ``MAX_ACCURACY_KEEP``); the result is measured again.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from export.fp16.gate import graph_paths_of
+from export.int8.calibration import training_feeds
+from export.int8.choices import METHODS, Int8Choice
+from export.int8.gate import build_int8_graphs, measure, per_graph_feeds, prepared_graphs
+from export.int8.quantize import quantized_nodes
+from export.int8.speed import THREADS, batch_of, interleaved
+from export.parity import deployed_runner
+from export.runners import infer_batched
+from training.data import make_split
+from training.registry import ModelSpec
+
+N_CALIBRATION = 256
+N_SELECTION = 512
+# Op types whose quantization moves only bytes (no arithmetic): never worth keeping float.
+DATA_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split", "Gather",
+                 "GatherElements", "MaxPool", "Pad", "TopK", "Concat", "Identity")
+MAX_PROBED_NODES = 60  # per graph: beyond it (feedback's 10 unrolled iterations) only the op-type sweep runs
+SPEED_KEEP = 0.92  # keep a node float when that alone makes the graph >= 8% faster at batch 32 (over the noise)
+MAX_ACCURACY_KEEP = 10
+TIMING_BATCH = 32
+TIMING_ROUNDS = 30
+
+
+class Selection:
+    """The held-out training images, their fp32 outputs and labels, and the calibration feeds per graph."""
+
+    def __init__(self, spec: ModelSpec, fp32: dict[str, Path], n_cal: int = N_CALIBRATION,
+                 n_sel: int = N_SELECTION) -> None:
+        cal, self.feeds = training_feeds(spec, n_cal, n_sel)
+        self.n_cal = len(next(iter(cal.values())))
+        self.calibration = per_graph_feeds(spec, fp32, cal)
+        self.data = {k: v[self.n_cal:] for k, v in make_split("train", self.n_cal + n_sel, spec.train.canvas).items()}
+        # The fp32 graphs stand in for torch here (parity holds them to 1e-4 of it) and are far faster.
+        self.reference = infer_batched(deployed_runner(spec, fp32), self.feeds, 64)
+        self.timing_feeds = batch_of(self.feeds, TIMING_BATCH)
+
+
+def _score(spec: ModelSpec, r: dict[str, Any]) -> tuple:
+    rel = r["relative_error"].get(spec.task.output, max(r["relative_error"].values(), default=0.0))
+    return (r["passed"], r["agreement"] if r["agreement"] is not None else 1.0, -r["metric_drop"], -rel)
+
+
+def compare_calibrations(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, out: Path,
+                         methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
+    """One row per method: the selection measurement of the fully quantized graphs, calibration seconds."""
+    rows = []
+    for method in tqdm(methods, desc=f"{spec.name}: calibration", leave=False):
+        start = time.perf_counter()
+        graphs = build_int8_graphs(spec, fp32, Int8Choice(calibration=method, calibration_images=sel.n_cal),
+                                   out / method, sel.calibration)
+        seconds = time.perf_counter() - start
+        r = measure(spec, sel.reference, graphs, sel.feeds, sel.data)
+        rows.append({"method": method, "seconds": seconds, **_summary(r)})
+    best = max(rows, key=lambda row: _score(spec, row))
+    for row in rows:
+        row["chosen"] = row is best
+    return rows
+
+
+def _summary(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("agreements", "agreement", "relative_error", "metric", "fp32_metric", "int8_metric", "metric_drop",
+            "passed", "failures")
+    return {k: r[k] for k in keys}
+
+
+def _task_error(spec: ModelSpec, r: dict[str, Any]) -> float:
+    return r["relative_error"].get(spec.task.output, max(r["relative_error"].values(), default=0.0))
+
+
+def node_sensitivity(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, method: str, base: Int8Choice,
+                     out: Path) -> dict[str, Any]:
+    """Per graph: the fully quantized graph's error and latency, and a row per probed node left float."""
+    graphs = build_int8_graphs(spec, fp32, base, out / "all", sel.calibration)
+    base_r = measure(spec, sel.reference, graphs, sel.feeds, sel.data)
+    base_err = _task_error(spec, base_r)
+    result: dict[str, Any] = {"base": _summary(base_r), "graphs": {}}
+    for gname, qpath in graphs.items():
+        nodes = {n: op for n, op in quantized_nodes(qpath).items() if op not in DATA_MOVEMENT}
+        entry: dict[str, Any] = {"quantized_nodes": len(nodes), "rows": []}
+        result["graphs"][gname] = entry
+        if len(nodes) > MAX_PROBED_NODES:
+            entry["skipped"] = (f"{len(nodes)} quantized compute nodes (> {MAX_PROBED_NODES}): per-node probe not run, "
+                                "op-type sweep only")
+            continue
+        base_runner = deployed_runner(spec, graphs, threads=THREADS)
+        for node, op in tqdm(nodes.items(), desc=f"{spec.name}/{gname}: nodes", leave=False):
+            keep = dict(base.keep_fp32_nodes) | {gname: (*base.kept(gname), node)}
+            choice = Int8Choice(calibration=method, keep_fp32_ops=base.keep_fp32_ops, keep_fp32_nodes=keep,
+                                calibration_images=sel.n_cal)
+            cand = build_int8_graphs(spec, fp32, choice, out / "node", sel.calibration)
+            runner = deployed_runner(spec, cand, threads=THREADS)
+            r = measure(spec, sel.reference, cand, sel.feeds, sel.data, runner=runner)
+            t = interleaved({"int8": base_runner, "float": runner}, sel.timing_feeds, TIMING_ROUNDS)
+            err = _task_error(spec, r)
+            entry["rows"].append({"node": node, "op": op, "error": err, "gain": base_err - err,
+                                  "agreement": r["agreement"], "metric_drop": r["metric_drop"],
+                                  "latency_ratio": t["float"]["p50"] / t["int8"]["p50"]})
+        entry["rows"].sort(key=lambda row: -row["gain"])
+    return result
+
+
+def choose_keep(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, method: str,
+                sensitivity: dict[str, Any], out: Path) -> tuple[Int8Choice, dict[str, Any], list[str]]:
+    """(the choice, its selection measurement, why each node was kept)."""
+    keep: dict[str, list[str]] = {g: [] for g in sensitivity["graphs"]}
+    why = []
+    for g, entry in sensitivity["graphs"].items():
+        for row in sorted(entry["rows"], key=lambda row: row["latency_ratio"]):
+            if row["latency_ratio"] < SPEED_KEEP:
+                keep[g].append(row["node"])
+                why.append(f"{row['node']} ({row['op']}): {100 * (1 - row['latency_ratio']):.0f}% faster float")
+
+    def build(keep: dict[str, list[str]]) -> tuple[Int8Choice, dict[str, Any]]:
+        choice = Int8Choice(calibration=method, keep_fp32_nodes={g: tuple(v) for g, v in keep.items() if v},
+                            calibration_images=sel.n_cal)
+        graphs = build_int8_graphs(spec, fp32, choice, out / "keep", sel.calibration)
+        return choice, measure(spec, sel.reference, graphs, sel.feeds, sel.data)
+
+    choice, r = build(keep)
+    by_gain = sorted(((row["gain"], g, row) for g, e in sensitivity["graphs"].items() for row in e["rows"]
+                      if row["node"] not in keep[g] and row["gain"] > 0), key=lambda x: -x[0])
+    added = 0
+    while not r["passed"] and by_gain and added < MAX_ACCURACY_KEEP:
+        gain, g, row = by_gain.pop(0)
+        keep[g].append(row["node"])
+        why.append(f"{row['node']} ({row['op']}): relative error -{gain:.4f} float")
+        added += 1
+        choice, r = build(keep)
+    return choice, _summary(r), why
+
+
+def probe_model(spec: ModelSpec, fp32: dict[str, Path] | Path, n_cal: int = N_CALIBRATION,
+                n_sel: int = N_SELECTION, nodes: bool = True) -> dict[str, Any]:
+    """Everything the probe measured, and the ``choice`` it makes (``Int8Choice.as_dict()``)."""
+    fp32 = graph_paths_of(spec, fp32)
+    prepared_graphs(spec, fp32)
+    sel = Selection(spec, fp32, n_cal, n_sel)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        calib = compare_calibrations(spec, fp32, sel, out)
+        method = next(r["method"] for r in calib if r["chosen"])
+        result: dict[str, Any] = {"calibration_images": sel.n_cal, "selection_images": len(sel.reference[
+            spec.outputs[0].name]), "calibration": calib, "method": method}
+        base = Int8Choice(calibration=method, calibration_images=sel.n_cal)
+        if not nodes:
+            result["choice"] = base.as_dict() | {"why": f"{method}: best of {', '.join(METHODS)} (nodes not probed)"}
+            return result
+        sens = node_sensitivity(spec, fp32, sel, method, base, out)
+        choice, final, why = choose_keep(spec, fp32, sel, method, sens, out)
+        text = f"{method}: best of {', '.join(METHODS)} on {len(sel.feeds[next(iter(sel.feeds))])} held-out " \
+               f"training images; kept float: {'; '.join(why) or 'none'}"
+        result |= {"sensitivity": sens, "selection": final, "choice": Int8Choice(
+            choice.calibration, choice.keep_fp32_ops, choice.keep_fp32_nodes, choice.calibration_images,
+            text).as_dict()}
+    return result

@@ -1,0 +1,118 @@
+"""FP32 graph -> QDQ int8 graph with onnxruntime's static quantization.
+
+- ``preprocess``: onnxruntime's ``quant_pre_process`` (symbolic shape inference + its graph optimizer) first,
+  as onnxruntime asks; node names in keep-lists are those of the pre-processed graph.
+- ``calibrate``: one calibration per (graph, method), written as onnxruntime's calibration cache, so that the
+  probe's many keep-list candidates quantize without calibrating again.
+- ``quantize``: QDQ format, per-channel symmetric int8 weights, in one of two flavours from the same
+  calibration and keep-list (``FLAVOURS``), because onnxruntime's CPU kernels and TensorRT want different ones
+  (measured on cnn, batch 32, onnxruntime 1.32, TensorRT-RTX 1.7.1):
+  - ``cpu``: uint8 asymmetric activations and int32 bias, onnxruntime's recipe for AVX-512 VNNI. What is
+    gated, benchmarked and served. Symmetric activations cost 1.26x here: a ReLU's output then needs its own
+    DequantizeLinear/Relu/QuantizeLinear instead of folding into the zero point.
+  - ``tensorrt``: int8 symmetric activations (zero point 0) and float bias: TensorRT-RTX refuses a non-zero
+    zero point ("Non-zero zero point is not supported") and an int32 DequantizeLinear (the quantized bias).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from export.int8.calibration import BATCH, TrainingImages
+
+
+class Int8GraphError(RuntimeError):
+    """A graph could not be quantized as asked (unknown keep-list node, onnxruntime failure)."""
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return getattr(CalibrationMethod, name)
+
+
+def preprocess(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """``quant_pre_process``; symbolic shape inference is retried off where it cannot follow a graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        quant_pre_process(str(fp32_path), str(out))
+    except Exception:  # symbolic shape inference refuses some dynamic graphs; ONNX shape inference remains
+        quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+    return out
+
+
+def node_names(path: str | Path) -> dict[str, str]:
+    """Node name -> op type of a graph."""
+    import onnx
+
+    return {n.name: n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+FLAVOURS = ("cpu", "tensorrt")
+
+
+def _options(flavour: str) -> tuple[object, dict]:
+    """(activation type, extra options) of a flavour; strided calibration bounds the calibrator's memory."""
+    from onnxruntime.quantization import QuantType
+
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown int8 flavour {flavour!r}; expected one of {FLAVOURS}")
+    common = {"WeightSymmetric": True, "CalibStridedMinMax": BATCH}
+    if flavour == "cpu":
+        return QuantType.QUInt8, {**common, "ActivationSymmetric": False}
+    return QuantType.QInt8, {**common, "ActivationSymmetric": True, "QuantizeBias": False}
+
+
+def quantize(pre_path: str | Path, out_path: str | Path, method: str, *, cache: str | Path,
+             feeds: dict[str, np.ndarray] | None = None, keep_fp32_ops: tuple[str, ...] = (),
+             keep_fp32_nodes: tuple[str, ...] = (), flavour: str = "cpu") -> Path:
+    """Write the QDQ graph of the pre-processed graph ``pre_path`` to ``out_path``. Calibrates on ``feeds``
+    unless ``cache`` (a calibration cache of this graph and ``method``) exists already. Nodes named in
+    ``keep_fp32_nodes`` or of a type in ``keep_fp32_ops`` stay float; an unknown node name is an error."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    names = node_names(pre_path)
+    unknown = [n for n in keep_fp32_nodes if n not in names]
+    if unknown:
+        raise Int8GraphError(f"{pre_path}: keep-list names nodes the graph does not have: {unknown} "
+                             "(the graph changed since the probe: rerun `python -m export.int8 <model> --probe`)")
+    exclude = sorted(set(keep_fp32_nodes) | {n for n, op in names.items() if op in keep_fp32_ops})
+    cache = Path(cache)
+    if not cache.is_file() and feeds is None:
+        raise Int8GraphError(f"{pre_path}: no calibration cache at {cache} and no calibration images given")
+    activation, extra = _options(flavour)
+    reader = TrainingImages(feeds) if feeds is not None else None
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # it warns about pre-processing it cannot see was done
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
+            quantize_static(str(pre_path), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=False, activation_type=activation, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=exclude, calibrate_method=_method(method),
+                            extra_options=extra, calibration_cache_path=str(cache))
+    except Exception as e:
+        raise Int8GraphError(f"{pre_path}: onnxruntime could not quantize it ({method}): {e}") from e
+    finally:
+        logging.getLogger().setLevel(quiet)
+    return out
+
+
+def quantized_nodes(int8_path: str | Path) -> dict[str, str]:
+    """Node name -> op type of the compute nodes that read a DequantizeLinear output (i.e. run in int8 once
+    onnxruntime or TensorRT fuses the Q/DQ pairs)."""
+    import onnx
+
+    g = onnx.load(str(int8_path), load_external_data=False).graph
+    dq = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name: n.op_type for n in g.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq for i in n.input)}
