@@ -52,11 +52,15 @@ def fp16_onnx_path(triton_model: str) -> Path:
     return paths.ARTIFACTS_DIR / "onnx" / f"{triton_model}.fp16.onnx"
 
 
-def int8_onnx_path(triton_model: str, flavour: str = "cpu") -> Path:
-    """The QDQ int8 graph (``export.int8``): ``cpu`` is served as ``<model>_int8``; ``tensorrt`` (symmetric, float
-    bias) is the one TensorRT parses."""
-    suffix = "" if flavour == "cpu" else f".{flavour}"
-    return paths.ARTIFACTS_DIR / "onnx" / f"{triton_model}.int8{suffix}.onnx"
+INT8_SUFFIX = "_int8"  # the Triton model serving a graph's int8 variant: "<triton model>_int8"
+
+
+def int8_onnx_path(triton_model: str, flavour: str = "cpu", repo_dir: str | Path | None = None) -> Path:
+    """The QDQ int8 graph (``export.int8``): ``cpu`` is served, so it lives in the repository as the model
+    ``<triton model>_int8``; ``tensorrt`` (symmetric, float bias) is the one TensorRT parses, a build product."""
+    if flavour == "cpu":
+        return onnx_path(f"{triton_model}{INT8_SUFFIX}", repo_dir)
+    return paths.ARTIFACTS_DIR / "onnx" / f"{triton_model}.int8.{flavour}.onnx"
 
 
 def int8_work_dir(triton_model: str) -> Path:

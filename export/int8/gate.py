@@ -68,7 +68,7 @@ def per_graph_feeds(spec: ModelSpec, fp32: dict[str, Path], feeds: dict[str, np.
 
 def build_int8_graphs(spec: ModelSpec, fp32: dict[str, Path], choice: Int8Choice, out_dir: Path | None = None,
                       calibration: dict[str, dict] | None = None, flavour: str = "cpu") -> dict[str, Path]:
-    """Quantize every graph with ``choice``; writes ``layout.int8_onnx_path`` (or ``out_dir/<model>.int8.onnx``).
+    """Quantize every graph with ``choice`` to ``layout.int8_onnx_path`` (or ``out_dir/<model>.int8.<flavour>.onnx``).
     ``calibration``: graph name -> calibration feeds (default: ``choice.calibration_images`` training images)."""
     graphs = {g.name: g for g in spec.deploy_graphs()}
     pre = prepared_graphs(spec, fp32)
@@ -78,8 +78,8 @@ def build_int8_graphs(spec: ModelSpec, fp32: dict[str, Path], choice: Int8Choice
     out = {}
     for name, p in pre.items():
         triton = spec.graph_model_name(graphs[name])
-        dst = layout.int8_onnx_path(triton, flavour)
-        dst = Path(out_dir) / dst.name if out_dir is not None else dst
+        dst = Path(out_dir) / f"{triton}.int8.{flavour}.onnx" if out_dir is not None else \
+            layout.int8_onnx_path(triton, flavour)
         cache = calibration_cache(p, choice.calibration, len(next(iter(calibration[name].values()))))
         out[name] = quantize(p, dst, choice.calibration, cache=cache, feeds=calibration[name],
                              keep_fp32_ops=choice.keep_fp32_ops, keep_fp32_nodes=choice.kept(name), flavour=flavour)
