@@ -9,8 +9,12 @@
    (``latency_ratio``, timed interleaved with the fully quantized graph). Both matter: a node can be too
    lossy in int8, or slower in int8 than in float (a 1-input-channel convolution: its int8 kernel took 3.6x
    the fp32 one's time on cnn).
-3. ``choose_keep``: the nodes that are clearly faster float (ratio < ``SPEED_KEEP``), then, while the selection
-   images miss the bars, the next node by gain (at most ``MAX_ACCURACY_KEEP``); the result is measured again.
+3. ``op_type_sweep``: the same per op type (every node of the type left float at once), which catches what no
+   single node shows (a kernel that is slow in int8 at every use; onnxruntime's QLinearSoftmax took 6x the fp32
+   Softmax's time on gen_attention_0011) and covers graphs too large for the per-node probe.
+4. ``choose_keep``: the op types, then the nodes, that are clearly faster float (ratio < ``SPEED_KEEP``), kept
+   only if together they are faster than nothing kept; then, while the selection images miss the bars, the
+   next node by gain (at most ``MAX_ACCURACY_KEEP``); the result is measured again.
 """
 
 from __future__ import annotations
@@ -111,10 +115,7 @@ def node_sensitivity(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, met
             keep = dict(base.keep_fp32_nodes) | {gname: (*base.kept(gname), node)}
             choice = Int8Choice(calibration=method, keep_fp32_ops=base.keep_fp32_ops, keep_fp32_nodes=keep,
                                 calibration_images=sel.n_cal)
-            cand = build_int8_graphs(spec, fp32, choice, out / "node", sel.calibration)
-            runner = deployed_runner(spec, cand, threads=THREADS)
-            r = measure(spec, sel.reference, cand, sel.feeds, sel.data, runner=runner)
-            t = interleaved({"int8": base_runner, "float": runner}, sel.timing_feeds, TIMING_ROUNDS)
+            r, t = _candidate(spec, fp32, sel, choice, base_runner, out / "node")
             err = _task_error(spec, r)
             entry["rows"].append({"node": node, "op": op, "error": err, "gain": base_err - err,
                                   "agreement": r["agreement"], "metric_drop": r["metric_drop"],
@@ -123,23 +124,63 @@ def node_sensitivity(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, met
     return result
 
 
+def _candidate(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, choice: Int8Choice, base_runner: Any,
+               out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(selection measurement, interleaved batch-32 latency vs ``base_runner``) of ``choice``."""
+    cand = build_int8_graphs(spec, fp32, choice, out, sel.calibration)
+    runner = deployed_runner(spec, cand, threads=THREADS)
+    r = measure(spec, sel.reference, cand, sel.feeds, sel.data, runner=runner)
+    return r, interleaved({"int8": base_runner, "float": runner}, sel.timing_feeds, TIMING_ROUNDS)
+
+
+def op_type_sweep(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, method: str, out: Path) -> dict[str, Any]:
+    """One row per quantized compute op type: every node of the type left float at once."""
+    base = Int8Choice(calibration=method, calibration_images=sel.n_cal)
+    graphs = build_int8_graphs(spec, fp32, base, out / "all", sel.calibration)
+    base_err = _task_error(spec, measure(spec, sel.reference, graphs, sel.feeds, sel.data))
+    base_runner = deployed_runner(spec, graphs, threads=THREADS)
+    ops = sorted({op for p in graphs.values() for op in quantized_nodes(p).values() if op not in DATA_MOVEMENT})
+    rows = []
+    for op in tqdm(ops, desc=f"{spec.name}: op types", leave=False):
+        choice = Int8Choice(calibration=method, keep_fp32_ops=(op,), calibration_images=sel.n_cal)
+        r, t = _candidate(spec, fp32, sel, choice, base_runner, out / "op")
+        err = _task_error(spec, r)
+        rows.append({"op": op, "error": err, "gain": base_err - err, "agreement": r["agreement"],
+                     "metric_drop": r["metric_drop"], "latency_ratio": t["float"]["p50"] / t["int8"]["p50"]})
+    return {"base_error": base_err, "rows": sorted(rows, key=lambda row: row["latency_ratio"])}
+
+
 def choose_keep(spec: ModelSpec, fp32: dict[str, Path], sel: Selection, method: str,
-                sensitivity: dict[str, Any], out: Path) -> tuple[Int8Choice, dict[str, Any], list[str]]:
+                sensitivity: dict[str, Any], ops: dict[str, Any], out: Path
+                ) -> tuple[Int8Choice, dict[str, Any], list[str]]:
     """(the choice, its selection measurement, why each node was kept)."""
     keep: dict[str, list[str]] = {g: [] for g in sensitivity["graphs"]}
-    why = []
+    keep_ops = [row["op"] for row in ops["rows"] if row["latency_ratio"] < SPEED_KEEP]
+    why = [f"all {row['op']} ({100 * (1 - row['latency_ratio']):.0f}% faster float)"
+           for row in ops["rows"] if row["op"] in keep_ops]
     for g, entry in sensitivity["graphs"].items():
         for row in sorted(entry["rows"], key=lambda row: row["latency_ratio"]):
-            if row["latency_ratio"] < SPEED_KEEP:
+            if row["latency_ratio"] < SPEED_KEEP and row["op"] not in keep_ops:
                 keep[g].append(row["node"])
                 why.append(f"{row['node']} ({row['op']}): {100 * (1 - row['latency_ratio']):.0f}% faster float")
 
+    def choice_of(keep: dict[str, list[str]], keep_ops: list[str]) -> Int8Choice:
+        return Int8Choice(calibration=method, keep_fp32_ops=tuple(keep_ops),
+                          keep_fp32_nodes={g: tuple(v) for g, v in keep.items() if v}, calibration_images=sel.n_cal)
+
     def build(keep: dict[str, list[str]]) -> tuple[Int8Choice, dict[str, Any]]:
-        choice = Int8Choice(calibration=method, keep_fp32_nodes={g: tuple(v) for g, v in keep.items() if v},
-                            calibration_images=sel.n_cal)
+        choice = choice_of(keep, keep_ops)
         graphs = build_int8_graphs(spec, fp32, choice, out / "keep", sel.calibration)
         return choice, measure(spec, sel.reference, graphs, sel.feeds, sel.data)
 
+    if why:  # speed keeps interact (layouts, fusions): keep them only if together they are faster too
+        bare = build_int8_graphs(spec, fp32, choice_of({}, []), out / "bare", sel.calibration)
+        _, t = _candidate(spec, fp32, sel, choice_of(keep, keep_ops), deployed_runner(spec, bare, threads=THREADS),
+                          out / "speed")
+        ratio = t["float"]["p50"] / t["int8"]["p50"]
+        if ratio >= 1.0:
+            why = [f"(speed keeps dropped: together {ratio:.2f}x the time of nothing kept: {'; '.join(why)})"]
+            keep, keep_ops = {g: [] for g in keep}, []
     choice, r = build(keep)
     by_gain = sorted(((row["gain"], g, row) for g, e in sensitivity["graphs"].items() for row in e["rows"]
                       if row["node"] not in keep[g] and row["gain"] > 0), key=lambda x: -x[0])
@@ -170,10 +211,11 @@ def probe_model(spec: ModelSpec, fp32: dict[str, Path] | Path, n_cal: int = N_CA
             result["choice"] = base.as_dict() | {"why": f"{method}: best of {', '.join(METHODS)} (nodes not probed)"}
             return result
         sens = node_sensitivity(spec, fp32, sel, method, base, out)
-        choice, final, why = choose_keep(spec, fp32, sel, method, sens, out)
+        ops = op_type_sweep(spec, fp32, sel, method, out)
+        choice, final, why = choose_keep(spec, fp32, sel, method, sens, ops, out)
         text = f"{method}: best of {', '.join(METHODS)} on {len(sel.feeds[next(iter(sel.feeds))])} held-out " \
                f"training images; kept float: {'; '.join(why) or 'none'}"
-        result |= {"sensitivity": sens, "selection": final, "choice": Int8Choice(
+        result |= {"sensitivity": sens, "op_types": ops, "selection": final, "choice": Int8Choice(
             choice.calibration, choice.keep_fp32_ops, choice.keep_fp32_nodes, choice.calibration_images,
             text).as_dict()}
     return result

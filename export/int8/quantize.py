@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,15 @@ def preprocess(fp32_path: str | Path, out_path: str | Path) -> Path:
     """``quant_pre_process``; symbolic shape inference is retried off where it cannot follow a graph."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = Path(out_path)
+    out = Path(out_path).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        quant_pre_process(str(fp32_path), str(out))
-    except Exception:  # symbolic shape inference refuses some dynamic graphs; ONNX shape inference remains
-        quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+    src = str(Path(fp32_path).resolve())
+    # Symbolic shape inference dumps the graph it failed on into the working directory: give it a scratch one.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        try:
+            quant_pre_process(src, str(out))
+        except Exception:  # symbolic shape inference refuses some dynamic graphs; ONNX shape inference remains
+            quant_pre_process(src, str(out), skip_symbolic_shape=True)
     return out
 
 
@@ -108,11 +112,22 @@ def quantize(pre_path: str | Path, out_path: str | Path, method: str, *, cache: 
 
 
 def quantized_nodes(int8_path: str | Path) -> dict[str, str]:
-    """Node name -> op type of the compute nodes that read a DequantizeLinear output (i.e. run in int8 once
-    onnxruntime or TensorRT fuses the Q/DQ pairs)."""
+    """Node name -> op type of the nodes that run in int8 once onnxruntime or TensorRT fuses the Q/DQ pairs: they
+    read a DequantizeLinear output and every output of theirs goes only to QuantizeLinear nodes (a float node
+    that merely reads a dequantized tensor is not one)."""
     import onnx
 
     g = onnx.load(str(int8_path), load_external_data=False).graph
     dq = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    graph_outputs = {o.name for o in g.output}
+
+    def requantized(t: str) -> bool:
+        return t not in graph_outputs and bool(readers.get(t)) and all(op == "QuantizeLinear" for op in readers[t])
+
     return {n.name: n.op_type for n in g.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq for i in n.input)}
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq for i in n.input)
+            and all(requantized(o) for o in n.output if o)}

@@ -109,6 +109,12 @@ def _model_section(name: str, r: dict[str, Any]) -> list[str]:
             out += [md_table(["node", "op", "relative error", "gain", "agreement", "latency ratio"],
                              [[x["node"], x["op"], f"{x['error']:.4f}", f"{x['gain']:+.4f}", _f(x["agreement"], ".4f"),
                                f"{x['latency_ratio']:.2f}"] for x in rows]), ""]
+        ops = probe.get("op_types")
+        if ops and ops["rows"]:
+            out += ["Every node of one op type left float at once (latency ratio float/int8 at batch 32):", ""]
+            out += [md_table(["op type", "relative error", "gain", "agreement", "latency ratio"],
+                             [[x["op"], f"{x['error']:.4f}", f"{x['gain']:+.4f}", _f(x["agreement"], ".4f"),
+                               f"{x['latency_ratio']:.2f}"] for x in ops["rows"]]), ""]
         out += [f"Choice: {probe['choice']['why']}", ""]
     if b32 and b32["speedup"] < TARGET:
         out += [f"Short of {TARGET:.0f}x at batch 32 ({b32['speedup']:.2f}x). Kept float: {_kept(r['choice'])}"
