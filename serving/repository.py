@@ -389,7 +389,34 @@ def _has_int8(spec: ModelSpec, root: Path) -> bool:
     return all(layout.int8_onnx_path(spec.graph_model_name(g), repo_dir=root).exists() for g in spec.deploy_graphs())
 
 
-def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None) -> list[Path]:
+VARIANT_CHOICES = ("fp32", "best")
+VARIANT_FILE = {"int8": "model.int8.onnx"}  # a default model serving its int8 graph reads this file
+
+
+def best_variants(reports_dir: Path | None = None) -> dict[str, str]:
+    """Model -> the fastest variant that passed its gate at batch 32 (reports/variants.json, ``make variants``)."""
+    from training import paths
+
+    p = Path(reports_dir or paths.REPORTS_DIR) / "variants.json"
+    if not p.is_file():
+        raise RepositoryError(f"--variant best needs {p} (run `make variants`)")
+    return {name: r["best"] for name, r in json.loads(p.read_text()).items() if r.get("best")}
+
+
+def _serve_variant(spec: ModelSpec, d: Deployable, cfg: Any, variant: str, root: Path) -> list[Path]:
+    """Point the default model ``cfg`` at its ``variant`` graph (copied beside its fp32 graph); fp32: nothing."""
+    if variant not in VARIANT_FILE:
+        return []
+    src = layout.int8_onnx_path(d.triton_name, repo_dir=root)
+    if not src.exists():
+        raise RepositoryError(f"model {spec.name!r}: best variant {variant} has no graph at {src}")
+    cfg.parameters["onnx_file"].string_value = VARIANT_FILE[variant]
+    cfg.parameters["variant"].string_value = variant
+    return [_copy(src, layout.version_dir(d.triton_name, root) / VARIANT_FILE[variant])]
+
+
+def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None,
+                variant: str = "fp32") -> list[Path]:
     """Configs for every Triton model of ``spec`` (each graph beside its ``<repo>/<name>/1/model.onnx``, with
     ``model.py`` on cpu; plus the composing model), validated with Triton's protobuf. Where every graph has an
     int8 graph at ``<repo>/<name>_int8/1/model.onnx``, the same again as ``<name>_int8``. Returns the files."""
@@ -407,7 +434,10 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
             write_floor_onnx(onnx_file)
         if not onnx_file.exists():
             raise RepositoryError(f"model {spec.name!r}: missing {onnx_file} (run `python -m export {spec.name}`)")
-        written.append(_write_config(graph_config(spec, d.graph, target), d, root))
+        cfg = graph_config(spec, d.graph, target)
+        if target == "cpu":  # the default model may serve another variant's graph (--variant best)
+            written += _serve_variant(spec, d, cfg, variant, root)
+        written.append(_write_config(cfg, d, root))
         if target == "cpu":
             written.append(_copy(BACKEND_MODEL_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
         if int8:  # the int8 graph, served by the same generic backend under "<name>_int8"
@@ -439,10 +469,14 @@ def _exported(spec: ModelSpec, root: Path) -> bool:
 
 
 def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
-                     repo_dir: str | Path | None = None) -> list[Path]:
+                     repo_dir: str | Path | None = None, variant: str = "fp32") -> list[Path]:
     """Generate configs for ``models`` (default: every registered model with exported graphs) plus
     the pass-through floor model. Named models without graphs are an error; with ``models=None``
-    they are skipped with a note on stderr. Returns the files written."""
+    they are skipped with a note on stderr. ``variant="best"``: each default model serves the fastest variant
+    that passed its gate (``make variants``; cpu target). Returns the files written."""
+    if variant not in VARIANT_CHOICES:
+        raise RepositoryError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANT_CHOICES)}")
+    best = best_variants() if variant == "best" else {}
     from training.registry import get_spec, list_models
 
     root = layout.repository_root(repo_dir)
@@ -455,7 +489,7 @@ def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
         names = [n for n in models if n != FLOOR_MODEL]
     written: list[Path] = []
     for name in [*names, FLOOR_MODEL]:
-        written += write_model(spec_for(name), target, root)
+        written += write_model(spec_for(name), target, root, best.get(name, "fp32"))
     return written
 
 
@@ -487,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", choices=TARGETS, default="cpu",
                    help="cpu: python backend + onnxruntime (pip's tritonserver); gpu: native backends")
     p.add_argument("--repo", type=Path, default=None, help="repository folder (default: model_repository/)")
+    p.add_argument("--variant", choices=VARIANT_CHOICES, default="fp32",
+                   help="best: each model serves its fastest gated variant (reports/variants.json; cpu target)")
     p.add_argument("--check", action="store_true", help="only validate the existing configs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -495,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             names = check_repository(args.repo)
             print(f"{len(names)} valid model configs: {', '.join(names)}")
         else:
-            for path in write_repository(args.models or None, args.target, args.repo):
+            for path in write_repository(args.models or None, args.target, args.repo, args.variant):
                 print(path)
     except Exception as e:
         return cli_error(e, args.debug)

@@ -185,6 +185,28 @@ def test_repository_serves_the_int8_variant(cnn, calibration, tmp_path):
         rep.BACKEND_MODEL_PY.read_bytes()
 
 
+def test_repository_variant_best_serves_the_recorded_fastest_gated_variant(cnn, calibration, tmp_path, monkeypatch):
+    from training import paths
+
+    spec, fp32 = cnn
+    repo = tmp_path / "repo"
+    graph = build_int8_graphs(spec, fp32, Int8Choice(calibration_images=64), tmp_path / "g", calibration)[MODEL]
+    int8 = layout.int8_onnx_path(MODEL, repo_dir=repo)
+    for src, dst in ((fp32[MODEL], layout.onnx_path(MODEL, repo)), (graph, int8)):
+        dst.parent.mkdir(parents=True)
+        dst.symlink_to(src.resolve())
+    monkeypatch.setattr(paths, "REPORTS_DIR", tmp_path)
+    with pytest.raises(rep.RepositoryError, match="make variants"):
+        rep.write_repository([MODEL], "cpu", repo, "best")
+    for best, onnx_file in (("int8", "model.int8.onnx"), ("fp32", "model.onnx")):
+        (tmp_path / "variants.json").write_text(json.dumps({MODEL: {"best": best}}))
+        rep.write_repository([MODEL], "cpu", repo, "best")
+        cfg = rep.parse_config(layout.config_path(MODEL, repo).read_text())
+        assert cfg.parameters["onnx_file"].string_value == onnx_file
+        assert (layout.version_dir(MODEL, repo) / onnx_file).read_bytes() == \
+            (graph if best == "int8" else fp32[MODEL]).read_bytes()
+
+
 @pytest.mark.server
 def test_served_int8_equals_the_in_process_int8_graph(cnn, calibration, tmp_path):
     from export.compare import Tolerance, compare
