@@ -92,12 +92,16 @@ def _model_section(name: str, r: dict[str, Any]) -> list[str]:
         return out
     out += [f"## {name}", ""]
     if probe:
+        where = (f"training-split digits on other layouts (seed {probe['selection_seed']})" if "selection_seed" in probe
+                 else "other training images (the training layouts, seed 0)")
         out += [f"Calibration on {probe['calibration_images']} training images, compared on "
-                f"{probe['selection_images']} other training images against the fp32 graph:", ""]
-        out += [md_table(["method", "agreement", "metric drop (points)", "relative error", "passes", "chosen"],
+                f"{probe['selection_images']} {where} against the fp32 graph:", ""]
+        out += [md_table(["method", "agreement", "metric drop (points)", "relative error", "passes",
+                          "with margin", "chosen"],
                          [[c["method"], _f(c["agreement"], ".4f"), f"{100 * c['metric_drop']:+.2f}",
                            ", ".join(f"{k} {v:.4f}" for k, v in c["relative_error"].items()),
-                           "yes" if c["passed"] else "no", "**yes**" if c["chosen"] else ""]
+                           "yes" if c["passed"] else "no", {True: "yes", False: "no"}.get(c.get("clears_margin"), "-"),
+                           "**yes**" if c["chosen"] else ""]
                           for c in probe["calibration"]]), ""]
         for graph, e in (probe.get("sensitivity") or {}).get("graphs", {}).items():
             if e.get("skipped"):
