@@ -57,9 +57,10 @@ def prepared_graphs(spec: ModelSpec, fp32: dict[str, Path]) -> dict[str, Path]:
     return out
 
 
-def calibration_cache(pre: Path, method: str, n: int) -> Path:
-    """Per (pre-processed graph content, method, image count): a stale cache can never be picked up."""
-    return pre.parent / f"calib-{method}-n{n}-{pre.stem.removeprefix('pre-')}.json"
+def calibration_cache(pre: Path, method: str, n: int, flavour: str = "cpu") -> Path:
+    """Per (pre-processed graph content, method, image count, flavour: which tensors it calibrates): a stale
+    cache can never be picked up."""
+    return pre.parent / f"calib-{method}-n{n}-{flavour}-{pre.stem.removeprefix('pre-')}.json"
 
 
 def per_graph_feeds(spec: ModelSpec, fp32: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -80,7 +81,7 @@ def build_int8_graphs(spec: ModelSpec, fp32: dict[str, Path], choice: Int8Choice
         triton = spec.graph_model_name(graphs[name])
         dst = Path(out_dir) / f"{triton}.int8.{flavour}.onnx" if out_dir is not None else \
             layout.int8_onnx_path(triton, flavour)
-        cache = calibration_cache(p, choice.calibration, len(next(iter(calibration[name].values()))))
+        cache = calibration_cache(p, choice.calibration, len(next(iter(calibration[name].values()))), flavour)
         out[name] = quantize(p, dst, choice.calibration, cache=cache, feeds=calibration[name],
                              keep_fp32_ops=choice.keep_fp32_ops, keep_fp32_nodes=choice.kept(name), flavour=flavour)
     return out

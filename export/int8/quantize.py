@@ -12,6 +12,9 @@
     DequantizeLinear/Relu/QuantizeLinear instead of folding into the zero point.
   - ``tensorrt``: int8 symmetric activations (zero point 0) and float bias: TensorRT-RTX refuses a non-zero
     zero point ("Non-zero zero point is not supported") and an int32 DequantizeLinear (the quantized bias).
+    Only the inputs of Conv/Gemm/MatMul get Q/DQ pairs (TensorRT's own placement; it fuses the rest): with
+    every op quantized, the builder refused the int8 scalar constants onnxruntime makes for a Mul or Add by a
+    constant ("Quantized constant ... is only allowed before DQ"), and the parser a Range fed through Q/DQ.
 """
 
 from __future__ import annotations
@@ -63,16 +66,20 @@ def node_names(path: str | Path) -> dict[str, str]:
 FLAVOURS = ("cpu", "tensorrt")
 
 
-def _options(flavour: str) -> tuple[object, dict]:
-    """(activation type, extra options) of a flavour; strided calibration bounds the calibrator's memory."""
+TENSORRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _options(flavour: str) -> tuple[object, dict, list[str] | None]:
+    """(activation type, extra options, op types to quantize: None = all) of a flavour; strided calibration
+    bounds the calibrator's memory."""
     from onnxruntime.quantization import QuantType
 
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown int8 flavour {flavour!r}; expected one of {FLAVOURS}")
     common = {"WeightSymmetric": True, "CalibStridedMinMax": BATCH}
     if flavour == "cpu":
-        return QuantType.QUInt8, {**common, "ActivationSymmetric": False}
-    return QuantType.QInt8, {**common, "ActivationSymmetric": True, "QuantizeBias": False}
+        return QuantType.QUInt8, {**common, "ActivationSymmetric": False}, None
+    return QuantType.QInt8, {**common, "ActivationSymmetric": True, "QuantizeBias": False}, list(TENSORRT_OPS)
 
 
 def quantize(pre_path: str | Path, out_path: str | Path, method: str, *, cache: str | Path,
@@ -92,7 +99,7 @@ def quantize(pre_path: str | Path, out_path: str | Path, method: str, *, cache: 
     cache = Path(cache)
     if not cache.is_file() and feeds is None:
         raise Int8GraphError(f"{pre_path}: no calibration cache at {cache} and no calibration images given")
-    activation, extra = _options(flavour)
+    activation, extra, op_types = _options(flavour)
     reader = TrainingImages(feeds) if feeds is not None else None
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +108,8 @@ def quantize(pre_path: str | Path, out_path: str | Path, method: str, *, cache: 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
             quantize_static(str(pre_path), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            reduce_range=False, activation_type=activation, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=op_types, reduce_range=False, activation_type=activation,
+                            weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude, calibrate_method=_method(method),
                             extra_options=extra, calibration_cache_path=str(cache))
     except Exception as e:
