@@ -8,7 +8,7 @@ The int8 graph of a Triton model lives at ``training.layout.int8_onnx_path``; it
 """
 
 from export.int8.choices import Int8Choice, choice_for, load_choices, save_choice
-from export.int8.gate import Int8GateError, build_int8_graphs, int8_gate, measure
+from export.int8.gate import Int8GateError, build_int8_graphs, int8_gate, measure, remove_int8_graphs
 from export.int8.quantize import FLAVOURS, Int8GraphError, preprocess, quantize, quantized_nodes
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "preprocess",
     "quantize",
     "quantized_nodes",
+    "remove_int8_graphs",
     "save_choice",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = 
     from export.int8.bench import bench_model
     from export.int8.choices import Int8Choice, choice_for, save_choice
     from export.int8.engines import build_int8_engines
-    from export.int8.gate import fp32_graph_paths, int8_gate
+    from export.int8.gate import fp32_graph_paths, int8_gate, remove_int8_graphs
     from export.int8.probe import probe_model
     from training import load_trained
     from training.registry import get_spec
@@ -45,7 +46,14 @@ def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = 
         save_choice(name, Int8Choice.from_dict(result["probe"]["choice"]))
     choice = choice_for(name)
     gate = int8_gate(spec, load_trained(name), fp32, n, choice=choice, raise_on_fail=False)
-    result |= {"choice": choice.as_dict(), "gate": gate}
+    # The gate's verdict decides whether the variant ships (the export then neither builds nor serves it).
+    verdict = replace(choice, ship=gate["passed"], not_shipped="" if gate["passed"] else
+                      f"missed its test-split gate: {'; '.join(f.split(': ', 1)[-1] for f in gate['failures'][:2])}")
+    if verdict != choice:
+        save_choice(name, verdict)
+    if not verdict.ship:
+        remove_int8_graphs(spec)
+    result |= {"choice": verdict.as_dict(), "gate": gate}
     if bench:
         result["bench"] = bench_model(spec, fp32, {g: Path(p) for g, p in gate["int8_graphs"].items()}, choice)
     if tensorrt:
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             b = r["bench"]["batches"]
             print(f"  int8 vs fp32 onnxruntime: batch 1 {b['1']['speedup']:.2f}x, batch 32 {b['32']['speedup']:.2f}x")
         if not r["gate"]["passed"]:
-            print(f"error: model {name!r}: {'; '.join(r['gate']['failures'][:2])}", file=sys.stderr)
+            print(f"error: model {name!r}: {'; '.join(r['gate']['failures'][:2])} (recorded: not shipped)",
+                  file=sys.stderr)
             failed.append(name)
     if results:
         md = write_report(merge_results(results))

@@ -28,6 +28,10 @@ class Int8Choice:
     keep_fp32_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     calibration_images: int = 256
     why: str = "default (not probed)"
+    # False: the int8 graph missed its test-split gate when last measured, so none is built, gated or served
+    # (a variant that misses its gate is never shipped); ``not_shipped`` says why.
+    ship: bool = True
+    not_shipped: str = ""
 
     def __post_init__(self) -> None:
         if self.calibration not in METHODS:
@@ -46,7 +50,8 @@ class Int8Choice:
     def from_dict(cls, d: dict[str, Any]) -> Int8Choice:
         return cls(calibration=d.get("calibration", "MinMax"), keep_fp32_ops=tuple(d.get("keep_fp32_ops", ())),
                    keep_fp32_nodes={g: tuple(v) for g, v in d.get("keep_fp32_nodes", {}).items()},
-                   calibration_images=int(d.get("calibration_images", 256)), why=d.get("why", ""))
+                   calibration_images=int(d.get("calibration_images", 256)), why=d.get("why", ""),
+                   ship=bool(d.get("ship", True)), not_shipped=d.get("not_shipped", ""))
 
 
 def load_choices(path: Path | None = None) -> dict[str, Int8Choice]:

@@ -35,7 +35,7 @@ from training.registry import ModelSpec
 
 BATCH = 64
 
-__all__ = ["Int8GateError", "build_int8_graphs", "fp32_graph_paths", "int8_gate", "measure"]
+__all__ = ["Int8GateError", "build_int8_graphs", "fp32_graph_paths", "int8_gate", "measure", "remove_int8_graphs"]
 
 
 class Int8GateError(RuntimeError):
@@ -85,6 +85,14 @@ def build_int8_graphs(spec: ModelSpec, fp32: dict[str, Path], choice: Int8Choice
         out[name] = quantize(p, dst, choice.calibration, cache=cache, feeds=calibration[name],
                              keep_fp32_ops=choice.keep_fp32_ops, keep_fp32_nodes=choice.kept(name), flavour=flavour)
     return out
+
+
+def remove_int8_graphs(spec: ModelSpec) -> None:
+    """Remove the served int8 graphs of ``spec`` (a variant that missed its gate must not be served)."""
+    for g in spec.deploy_graphs():
+        path = layout.int8_onnx_path(spec.graph_model_name(g))
+        if path.exists():
+            path.unlink()
 
 
 def task_metric(spec: ModelSpec, outputs: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> tuple[str, float]:

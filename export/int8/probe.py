@@ -44,8 +44,11 @@ DATA_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Sli
 MAX_PROBED_NODES = 100  # per graph: beyond it (feedback's 10 unrolled iterations) only the op-type sweep runs
 SPEED_KEEP = 0.92  # keep a node float when that alone makes the graph >= 8% faster at batch 32 (over the noise)
 MAX_ACCURACY_KEEP = 10
-# The held-out images must clear each agreement bar by this much: they still differ from the test split.
-SELECTION_MARGIN = 0.005
+# The held-out images must clear each agreement bar by this much, because images of the training split's digits
+# flatter the int8 graph even on new layouts (measured, disagreement held-out -> test split: racnn scale_logits
+# 0.13% -> 1.13% with the training layouts; mhsa logits 0.20% -> 1.10% with new layouts, margin 0.005). 0.01
+# asks a 0.99 bar for full agreement on the held-out images.
+SELECTION_MARGIN = 0.01
 TIMING_BATCH = 32
 TIMING_ROUNDS = 30
 
@@ -212,7 +215,8 @@ def probe_model(spec: ModelSpec, fp32: dict[str, Path] | Path, n_cal: int = N_CA
         calib = compare_calibrations(spec, fp32, sel, out)
         method = next(r["method"] for r in calib if r["chosen"])
         result: dict[str, Any] = {"calibration_images": sel.n_cal, "selection_images": len(sel.reference[
-            spec.outputs[0].name]), "selection_seed": SELECTION_SEED, "calibration": calib, "method": method}
+            spec.outputs[0].name]), "selection_seed": SELECTION_SEED,
+                                  "selection_margin": SELECTION_MARGIN, "calibration": calib, "method": method}
         base = Int8Choice(calibration=method, calibration_images=sel.n_cal)
         if not nodes:
             result["choice"] = base.as_dict() | {"why": f"{method}: best of {', '.join(METHODS)} (nodes not probed)"}

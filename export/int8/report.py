@@ -63,7 +63,7 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         rows.append([
             name, r["choice"]["calibration"], _kept(r["choice"]), f"{g['fp32_metric']:.4f}", f"{g['int8_metric']:.4f}",
             f"{100 * g['metric_drop']:+.2f}", ", ".join(f"{k} {v:.4f}" for k, v in g["agreements"].items()) or "-",
-            "pass" if g["passed"] else "FAIL",
+            "pass" if g["passed"] else "FAIL (not shipped)",
             _lat(b1, "fp32") if b1 else "-", _lat(b1, "int8") if b1 else "-", _f(b1 and b1["speedup"], ".2f"),
             _lat(b32, "fp32") if b32 else "-", _lat(b32, "int8") if b32 else "-", _f(b32 and b32["speedup"], ".2f"),
             _f(b32 and b32["speedup_nothing_kept"], ".2f"),
@@ -94,8 +94,10 @@ def _model_section(name: str, r: dict[str, Any]) -> list[str]:
     if probe:
         where = (f"training-split digits on other layouts (seed {probe['selection_seed']})" if "selection_seed" in probe
                  else "other training images (the training layouts, seed 0)")
+        margin = probe.get("selection_margin")
         out += [f"Calibration on {probe['calibration_images']} training images, compared on "
-                f"{probe['selection_images']} {where} against the fp32 graph:", ""]
+                f"{probe['selection_images']} {where} against the fp32 graph"
+                + (f" (keep-list grown until every agreement clears its bar by {margin})" if margin else "") + ":", ""]
         out += [md_table(["method", "agreement", "metric drop (points)", "relative error", "passes",
                           "with margin", "chosen"],
                          [[c["method"], _f(c["agreement"], ".4f"), f"{100 * c['metric_drop']:+.2f}",
