@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report serve frontdoor bench bench-export test test-fast lint gpu-check clean samples reliability study
+.PHONY: install train export repository engines fp16-report int8 int8-report variants serve frontdoor bench bench-export test test-fast lint gpu-check clean samples reliability study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,20 @@ engines: $(STAMP)
 
 fp16-report: $(STAMP)
 	$(PY) -m export.fp16 $(MODELS) --probe --sweep
+
+# INT8 QDQ graphs with the recorded choices (export/int8/choices.json), gated: reports/int8.{md,json,png}.
+int8: $(STAMP)
+	$(PY) -m export.int8 $(MODELS)
+
+# Re-measure the choices (calibration method, nodes kept float), time int8 vs fp32, build TensorRT-RTX engines;
+# one process per model so that a shared host's lock can be taken model by model.
+int8-report: $(STAMP)
+	rc=0; for m in $$($(PY) -c "from training.registry import resolve_names; print(*resolve_names('$(MODELS)'.split()))"); do \
+		$(PY) -m export.int8 $$m --probe --bench --tensorrt || rc=1; done; exit $$rc
+
+# The fastest variant (fp32, fp16, int8) per model that passed its gate: reports/variants.{md,json,png}.
+variants: $(STAMP)
+	$(PY) -m export.variants $(MODELS)
 
 serve: $(STAMP)
 	$(PY) -m serving.server

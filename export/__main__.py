@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing or stale checkpoints")
     p.add_argument("--skip-tensorrt", action="store_true", help="skip the TensorRT parse check")
     p.add_argument("--skip-fp16", action="store_true", help="skip the FP16 graph and its agreement gate")
+    p.add_argument("--skip-int8", action="store_true", help="skip the INT8 graph and its gate")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
     names = model_names(a.models)
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         try:
             summaries.append(export_model(name, custom_ops=a.custom_ops, slim=not a.no_slim, train=not a.no_train,
-                                          tensorrt=not a.skip_tensorrt, fp16=not a.skip_fp16))
+                                          tensorrt=not a.skip_tensorrt, fp16=not a.skip_fp16,
+                                          int8=not a.skip_int8))
         except Exception as e:
             if a.debug:
                 raise

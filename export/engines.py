@@ -61,7 +61,7 @@ def build_graph_engines(
     spec: Any,
     graph: Any,
     archs: tuple[str, ...] | None,
-    precisions: tuple[str, ...] = PRECISIONS,
+    precisions: tuple[str, ...] = ("fp32", "fp16"),
     deploy: str | None = "fp16",
     out_root: Path | None = None,
 ) -> ModelEngines:
@@ -79,6 +79,12 @@ def build_graph_engines(
             graphs["fp16"] = convert_to_fp16(fp32, layout.fp16_onnx_path(name), tuple(spec.export.fp16_keep_fp32_ops))
         except Exception as exc:
             result.errors.append(f"fp16 graph: {exc}")
+    if "int8" in precisions:  # the TensorRT flavour of the QDQ graph, made by `python -m export.int8 --tensorrt`
+        qdq = layout.int8_onnx_path(name, "tensorrt")
+        if qdq.is_file():
+            graphs["int8"] = qdq
+        else:
+            result.skipped.append(f"int8: no QDQ graph at {qdq} (run `python -m export.int8 {spec.name} --tensorrt`)")
     for precision, path in graphs.items():
         try:
             r = parse_onnx(path)
@@ -110,7 +116,7 @@ def build_graph_engines(
 def build_model_engines(
     name: str,
     archs: tuple[str, ...] | None,
-    precisions: tuple[str, ...] = PRECISIONS,
+    precisions: tuple[str, ...] = ("fp32", "fp16"),
     deploy: str | None = "fp16",
     out_root: Path | None = None,
 ) -> list[ModelEngines]:
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
     p.add_argument("--archs", default=None,
                    help="TensorRT-RTX ahead-of-time targets, e.g. sm80,sm86,sm89 (default: this GPU, else sm86)")
-    p.add_argument("--precision", default="fp32,fp16", help="comma list of fp32, fp16 (default both)")
+    p.add_argument("--precision", default="fp32,fp16", help="comma list of fp32, fp16, int8 (default fp32,fp16)")
     p.add_argument("--deploy", default="fp16", choices=[*PRECISIONS, "none"],
                    help="engine copied to model_repository/<model>/1/model.plan when deployable (default fp16)")
     p.add_argument("--out", type=Path, default=None, help="engine folder (default artifacts/engines)")

@@ -1,4 +1,5 @@
-"""One model through the export stage: checkpoint -> ONNX graphs -> checks -> parity -> TensorRT parse -> FP16."""
+"""One model through the export stage: checkpoint -> ONNX graphs -> checks -> parity -> TensorRT parse -> FP16
+-> INT8."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class ExportSummary:
     tensorrt: str = "not run"
     fp16_agreement: float | None = None
     fp16: str = "not run"
+    int8_agreement: float | None = None
+    int8: str = "not run"
     error: str | None = None
     parity: dict = field(default_factory=dict)
 
@@ -53,7 +56,7 @@ def _rel(p: Path) -> str:
 
 
 def export_model(name: str, custom_ops: bool = False, slim: bool = True, train: bool = True,
-                 tensorrt: bool = True, fp16: bool = True) -> ExportSummary:
+                 tensorrt: bool = True, fp16: bool = True, int8: bool = True) -> ExportSummary:
     spec = get_spec(name)
     fresh = train and not is_current(name)  # one fingerprint check decides, and the summary reports it
     record = train_model(name) if fresh else load_record(name)
@@ -72,6 +75,8 @@ def export_model(name: str, custom_ops: bool = False, slim: bool = True, train: 
         s.tensorrt = "; ".join(tensorrt_parse(p) for p in files.values())
     if fp16 and not custom_ops:
         s.fp16, s.fp16_agreement = _fp16_gate(spec, model, files)
+    if int8 and not custom_ops:
+        s.int8, s.int8_agreement = _int8_gate(spec, model, files)
     return s
 
 
@@ -95,6 +100,17 @@ def _fp16_gate(spec: ModelSpec, model: Any, files: dict[str, Path]) -> tuple[str
     return result["status"], result["agreement"]
 
 
+def _int8_gate(spec: ModelSpec, model: Any, files: dict[str, Path]) -> tuple[str, float | None]:
+    from export.int8 import choice_for, int8_gate, remove_int8_graphs
+
+    choice = choice_for(spec.name)
+    if not choice.ship:  # measured to miss its gate: no int8 variant is built or served
+        remove_int8_graphs(spec)
+        return f"int8 not shipped ({choice.not_shipped})", None
+    result = int8_gate(spec, model, files, choice=choice)  # raises Int8GateError naming the model under a bar
+    return result["status"], result["agreement"]
+
+
 def _metric_text(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("iou_"))
 
@@ -104,12 +120,13 @@ def print_summary(rows: list[ExportSummary]) -> None:
         return "-" if v is None else format(v, fmt)
 
     header = (f"{'model':<20} {'weights':<11} {'parity max|err|':>15} {'agree':>6} {'export s':>8} "
-              f"{'fp16 agree':>10}  tensorrt")
+              f"{'fp16 agree':>10} {'int8 agree':>10}  tensorrt")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r.name:<20} {r.trained:<11} {f(r.parity_max_abs, '.2e'):>15} {f(r.parity_agreement, '.3f'):>6} "
-              f"{f(r.export_seconds, '.1f'):>8} {f(r.fp16_agreement, '.4f'):>10}  {r.tensorrt}"
+              f"{f(r.export_seconds, '.1f'):>8} {f(r.fp16_agreement, '.4f'):>10} {f(r.int8_agreement, '.4f'):>10}  "
+              f"{r.tensorrt}"
               + (f"  FAILED: {r.error}" if r.error else "")
               + (f"  BAR MISSED: {'; '.join(r.bar_failures)}" if r.bar_failures else ""))
         if r.metrics:  # the task's and the model's own test metrics on their own line

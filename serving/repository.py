@@ -8,6 +8,8 @@ a new registered spec with an exported ``model.onnx`` is served by the same path
   inside), because the tritonserver that pip ships (nvidia-pytriton) has only the python backend.
 - ``--target gpu``: the native backends of NVIDIA's Triton container: ``platform: "onnxruntime_onnx"``, and a
   ``<name>_trt`` model with ``platform: "tensorrt_plan"`` wherever an engine ``<name>/1/model.plan`` exists.
+- either target: a ``<name>_int8`` model, configured like ``<name>``, wherever ``python -m export.int8`` put an
+  int8 QDQ graph at ``<name>_int8/1/model.onnx``.
 
 A pass-through model (``passthrough``: Identity, served exactly like the others) measures the fixed
 per-request cost of the serving path, so benchmarks can report each model's overhead against that floor.
@@ -27,14 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving.cli import cli_error
+from training import layout
 
 if TYPE_CHECKING:
     from training.registry import GraphSpec, ModelSpec, TensorSpec
 
-from training import layout
-
 FLOOR_MODEL = "passthrough"
 TRT_SUFFIX = "_trt"
+INT8_SUFFIX = layout.INT8_SUFFIX  # "<model>_int8": the int8 QDQ graph (export.int8), same generic backend
+VARIANT_SUFFIXES = (TRT_SUFFIX, INT8_SUFFIX)
 TARGETS = ("cpu", "gpu")
 BACKEND_DIR = Path(__file__).resolve().parent / "backend"
 BACKEND_MODEL_PY = BACKEND_DIR / "model.py"  # one graph, onnxruntime inside
@@ -96,8 +99,16 @@ def deployables(spec: ModelSpec) -> list[Deployable]:
     return out
 
 
+def base_name(triton_name: str) -> str:
+    """The deployable a variant model serves: ``cnn_int8`` and ``cnn_trt`` serve ``cnn``."""
+    for suffix in VARIANT_SUFFIXES:
+        if triton_name.endswith(suffix):
+            return triton_name.removesuffix(suffix)
+    return triton_name
+
+
 def find_deployable(triton_name: str, specs: Iterable[ModelSpec]) -> Deployable | None:
-    base = triton_name.removesuffix(TRT_SUFFIX)
+    base = base_name(triton_name)
     for spec in specs:
         for d in deployables(spec):
             if d.triton_name == base:
@@ -206,7 +217,7 @@ def model_config(spec: ModelSpec, target: str = "cpu", **kw: Any) -> Any:
     return graph_config(spec, None, target, **kw)
 
 
-def composition_config(spec: ModelSpec, target: str = "cpu") -> Any:
+def composition_config(spec: ModelSpec, target: str = "cpu", suffix: str = "") -> Any:
     """The model that composes ``spec``'s graphs under the spec's own name: Triton's ensemble scheduler for a
     fixed chain, or the generic BLS python model (``backend/pipeline.py``) for steps that depend on data."""
     from tritonclient.grpc import model_config_pb2 as mc
@@ -215,10 +226,11 @@ def composition_config(spec: ModelSpec, target: str = "cpu") -> Any:
     if comp is None:
         raise RepositoryError(f"model {spec.name!r} has no composition")
     graphs = {g.name: g for g in spec.deploy_graphs()}
-    cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.serving.max_batch_size)
+    cfg = mc.ModelConfig(name=spec.name + suffix, max_batch_size=spec.serving.max_batch_size)
     _add_tensors(cfg, spec.inputs, spec.outputs)
-    steps = [{"model": spec.graph_model_name(graphs[s.graph]), "input_map": s.input_map, "output_map": s.output_map}
-             for s in comp.steps]
+    # ``suffix``: a variant's composition calls the same variant of every graph (``_int8`` -> ``<graph>_int8``).
+    steps = [{"model": spec.graph_model_name(graphs[s.graph]) + suffix, "input_map": s.input_map,
+              "output_map": s.output_map} for s in comp.steps]
     if comp.kind == "ensemble":
         cfg.platform = "ensemble"
         for s in steps:
@@ -291,7 +303,7 @@ def validate_config(text: str, deployable: Deployable | None = None, source: str
         if set(w.inputs) != {i.name for i in cfg.input}:
             fail(f"warmup {w.name!r} does not feed exactly the model's inputs")
     if deployable is not None:
-        if cfg.name.removesuffix(TRT_SUFFIX) != deployable.triton_name:
+        if base_name(cfg.name) != deployable.triton_name:
             fail(f"model name {cfg.name!r} does not match {deployable.triton_name!r}")
         for kind, got, want in (("input", cfg.input, deployable.inputs), ("output", cfg.output, deployable.outputs)):
             got_t = [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in got]
@@ -362,29 +374,78 @@ def _servable_plan(plan: Path) -> bool:
     return False
 
 
-def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None) -> list[Path]:
+def _write_composition(spec: ModelSpec, d: Deployable, target: str, root: Path, suffix: str = "") -> list[Path]:
+    cfg = composition_config(spec, target, suffix)
+    written = [_write_config(cfg, d, root)]
+    if cfg.platform == "ensemble":
+        layout.version_dir(cfg.name, root).mkdir(parents=True, exist_ok=True)  # Triton requires it
+    else:
+        written.append(_copy(BACKEND_PIPELINE_PY, layout.version_dir(cfg.name, root) / layout.BACKEND_FILE))
+    return written
+
+
+def _has_int8(spec: ModelSpec, root: Path) -> bool:
+    """Every graph of ``spec`` has its int8 graph in the repository (``python -m export.int8`` put it there)."""
+    return all(layout.int8_onnx_path(spec.graph_model_name(g), repo_dir=root).exists() for g in spec.deploy_graphs())
+
+
+VARIANT_CHOICES = ("fp32", "best")
+VARIANT_FILE = {"int8": "model.int8.onnx"}  # a default model serving its int8 graph reads this file
+
+
+def best_variants(reports_dir: Path | None = None) -> dict[str, str]:
+    """Model -> the fastest variant that passed its gate at batch 32 (reports/variants.json, ``make variants``)."""
+    from training import paths
+
+    p = Path(reports_dir or paths.REPORTS_DIR) / "variants.json"
+    if not p.is_file():
+        raise RepositoryError(f"--variant best needs {p} (run `make variants`)")
+    return {name: r["best"] for name, r in json.loads(p.read_text()).items() if r.get("best")}
+
+
+def _serve_variant(spec: ModelSpec, d: Deployable, cfg: Any, variant: str, root: Path) -> list[Path]:
+    """Point the default model ``cfg`` at its ``variant`` graph (copied beside its fp32 graph); fp32: nothing."""
+    if variant not in VARIANT_FILE:
+        return []
+    src = layout.int8_onnx_path(d.triton_name, repo_dir=root)
+    if not src.exists():
+        raise RepositoryError(f"model {spec.name!r}: best variant {variant} has no graph at {src}")
+    cfg.parameters["onnx_file"].string_value = VARIANT_FILE[variant]
+    cfg.parameters["variant"].string_value = variant
+    return [_copy(src, layout.version_dir(d.triton_name, root) / VARIANT_FILE[variant])]
+
+
+def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None,
+                variant: str = "fp32") -> list[Path]:
     """Configs for every Triton model of ``spec`` (each graph beside its ``<repo>/<name>/1/model.onnx``, with
-    ``model.py`` on cpu; plus the composing model), validated with Triton's protobuf. Returns the files."""
+    ``model.py`` on cpu; plus the composing model), validated with Triton's protobuf. Where every graph has an
+    int8 graph at ``<repo>/<name>_int8/1/model.onnx``, the same again as ``<name>_int8``. Returns the files."""
     root = layout.repository_root(repo_dir)
     written: list[Path] = []
+    int8 = _has_int8(spec, root)
     for d in deployables(spec):
         if d.graph is None:
-            cfg = composition_config(spec, target)
-            written.append(_write_config(cfg, d, root))
-            if cfg.platform == "ensemble":
-                layout.version_dir(d.triton_name, root).mkdir(parents=True, exist_ok=True)  # Triton requires it
-            else:
-                dst = layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE
-                written.append(_copy(BACKEND_PIPELINE_PY, dst))
+            written += _write_composition(spec, d, target, root)
+            if int8:
+                written += _write_composition(spec, d, target, root, INT8_SUFFIX)
             continue
         onnx_file = layout.onnx_path(d.triton_name, root)
         if spec.name == FLOOR_MODEL and not onnx_file.exists():
             write_floor_onnx(onnx_file)
         if not onnx_file.exists():
             raise RepositoryError(f"model {spec.name!r}: missing {onnx_file} (run `python -m export {spec.name}`)")
-        written.append(_write_config(graph_config(spec, d.graph, target), d, root))
+        cfg = graph_config(spec, d.graph, target)
+        if target == "cpu":  # the default model may serve another variant's graph (--variant best)
+            written += _serve_variant(spec, d, cfg, variant, root)
+        written.append(_write_config(cfg, d, root))
         if target == "cpu":
             written.append(_copy(BACKEND_MODEL_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
+        if int8:  # the int8 graph, served by the same generic backend under "<name>_int8"
+            cfg = graph_config(spec, d.graph, target)
+            cfg.name = f"{d.triton_name}{INT8_SUFFIX}"
+            written.append(_write_config(cfg, d, root))
+            if target == "cpu":
+                written.append(_copy(BACKEND_MODEL_PY, layout.version_dir(cfg.name, root) / layout.BACKEND_FILE))
         plan = layout.plan_path(d.triton_name, root)
         if target == "gpu" and _servable_plan(plan):
             # Triton serves one platform per model: the engine becomes a sibling model "<name>_trt".
@@ -408,10 +469,14 @@ def _exported(spec: ModelSpec, root: Path) -> bool:
 
 
 def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
-                     repo_dir: str | Path | None = None) -> list[Path]:
+                     repo_dir: str | Path | None = None, variant: str = "fp32") -> list[Path]:
     """Generate configs for ``models`` (default: every registered model with exported graphs) plus
     the pass-through floor model. Named models without graphs are an error; with ``models=None``
-    they are skipped with a note on stderr. Returns the files written."""
+    they are skipped with a note on stderr. ``variant="best"``: each default model serves the fastest variant
+    that passed its gate (``make variants``; cpu target). Returns the files written."""
+    if variant not in VARIANT_CHOICES:
+        raise RepositoryError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANT_CHOICES)}")
+    best = best_variants() if variant == "best" else {}
     from training.registry import get_spec, list_models
 
     root = layout.repository_root(repo_dir)
@@ -424,7 +489,7 @@ def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
         names = [n for n in models if n != FLOOR_MODEL]
     written: list[Path] = []
     for name in [*names, FLOOR_MODEL]:
-        written += write_model(spec_for(name), target, root)
+        written += write_model(spec_for(name), target, root, best.get(name, "fp32"))
     return written
 
 
@@ -456,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", choices=TARGETS, default="cpu",
                    help="cpu: python backend + onnxruntime (pip's tritonserver); gpu: native backends")
     p.add_argument("--repo", type=Path, default=None, help="repository folder (default: model_repository/)")
+    p.add_argument("--variant", choices=VARIANT_CHOICES, default="fp32",
+                   help="best: each model serves its fastest gated variant (reports/variants.json; cpu target)")
     p.add_argument("--check", action="store_true", help="only validate the existing configs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -464,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             names = check_repository(args.repo)
             print(f"{len(names)} valid model configs: {', '.join(names)}")
         else:
-            for path in write_repository(args.models or None, args.target, args.repo):
+            for path in write_repository(args.models or None, args.target, args.repo, args.variant):
                 print(path)
     except Exception as e:
         return cli_error(e, args.debug)

@@ -338,7 +338,9 @@ def test_builder_refuses_what_it_cannot_do(tiny_onnx, tmp_path):
             build_engine(tiny_onnx, tiny_spec(), tmp_path / "b.plan", archs=("sm86",), precision="fp16",
                          fp16_style="flag")
     with pytest.raises(ValueError, match="precision"):
-        build_engine(tiny_onnx, tiny_spec(), tmp_path / "c.plan", precision="int8")
+        build_engine(tiny_onnx, tiny_spec(), tmp_path / "c.plan", precision="int4")
+    with pytest.raises(EngineBuildError, match="QDQ graph"):  # int8 comes from Q/DQ nodes (export.int8)
+        build_engine(tiny_onnx, tiny_spec(), tmp_path / "c.plan", archs=("sm86",), precision="int8")
     assert not (tmp_path / "a.plan").exists() and not (tmp_path / "b.plan").exists()
 
 

@@ -52,6 +52,22 @@ def fp16_onnx_path(triton_model: str) -> Path:
     return paths.ARTIFACTS_DIR / "onnx" / f"{triton_model}.fp16.onnx"
 
 
+INT8_SUFFIX = "_int8"  # the Triton model serving a graph's int8 variant: "<triton model>_int8"
+
+
+def int8_onnx_path(triton_model: str, flavour: str = "cpu", repo_dir: str | Path | None = None) -> Path:
+    """The QDQ int8 graph (``export.int8``): ``cpu`` is served, so it lives in the repository as the model
+    ``<triton model>_int8``; ``tensorrt`` (symmetric, float bias) is the one TensorRT parses, a build product."""
+    if flavour == "cpu":
+        return onnx_path(f"{triton_model}{INT8_SUFFIX}", repo_dir)
+    return paths.ARTIFACTS_DIR / "onnx" / f"{triton_model}.int8.{flavour}.onnx"
+
+
+def int8_work_dir(triton_model: str) -> Path:
+    """Intermediate int8 build products: the pre-processed graph, calibration caches."""
+    return paths.ARTIFACTS_DIR / "int8" / triton_model
+
+
 def engine_dir(triton_model: str, root: str | Path | None = None) -> Path:
     """Ahead-of-time and per-precision engines: ``<root>/<model>/<precision>/model.plan``."""
     return Path(root or paths.ARTIFACTS_DIR / "engines") / triton_model

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: a QDQ graph (export.int8), strongly typed
 # Architectures TensorRT-RTX accepts for ahead-of-time builds on a host without a GPU (measured).
 AOT_ARCHS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 DEFAULT_AOT_ARCHS = ("sm86",)

@@ -242,7 +242,7 @@ class CreateConfig:
                  keep_fp32_ops: tuple[str, ...] = (), workspace_bytes: int = WORKSPACE_BYTES) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-        style = None if precision == "fp32" else (fp16_style or "graph")
+        style = None if precision != "fp16" else (fp16_style or "graph")  # fp32, int8: the graph's types decide
         if style is not None and style not in FP16_STYLES:
             raise ValueError(f"unknown fp16_style {fp16_style!r}; expected 'graph' or 'flag'")
         self.precision, self.fp16_style, self.profiles = precision, style, profiles
@@ -499,6 +499,13 @@ def is_fp16_graph(onnx_path: str | Path) -> bool:
     return False
 
 
+def is_qdq_graph(onnx_path: str | Path) -> bool:
+    """True when the graph has QuantizeLinear nodes (explicit quantization: TensorRT takes int8 from them)."""
+    import onnx
+
+    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+
+
 def spec_graph(spec: Any, graph: Any = None) -> Any:
     """``graph`` (a ``GraphSpec`` or a graph name) of ``spec``, or its only deploy graph."""
     graphs = spec.deploy_graphs()
@@ -555,6 +562,8 @@ def build_engine(
             from export.fp16 import convert_to_fp16
 
             source = convert_to_fp16(onnx_path, Path(tmp) / "model.fp16.onnx", keep)
+        elif precision == "int8" and not is_qdq_graph(onnx_path):
+            raise EngineBuildError(f"{onnx_path}: an int8 engine takes a QDQ graph (python -m export.int8)")
         elif precision == "fp32" and is_fp16_graph(onnx_path):
             raise EngineBuildError(f"{onnx_path}: an FP16 graph cannot make an fp32 engine; pass the FP32 graph")
         elif style == "flag" and is_fp16_graph(onnx_path):
