@@ -236,3 +236,37 @@ def test_served_int8_equals_the_in_process_int8_graph(cnn, calibration, tmp_path
             assert same.ok, same.failures
             vs_torch = compare(torch_ref, served, spec.outputs, Tolerance(None, spec.checks.int8_min_agreement))
             assert vs_torch.ok, vs_torch.failures
+
+
+def test_variants_never_pick_a_variant_that_missed_its_gate(cnn, tmp_path, monkeypatch):
+    from export import variants
+    from training import paths
+
+    spec, _ = cnn
+    graphs = variants.variant_graphs(spec)
+    if set(graphs) != set(variants.VARIANTS):
+        pytest.skip(f"cnn has only the {sorted(graphs)} graphs; run `make export` (fp16, int8)")
+    monkeypatch.setattr(paths, "REPORTS_DIR", tmp_path)
+    (tmp_path / "parity.json").write_text(json.dumps({MODEL: {"parity": {"passed": True}, "metrics": {"a": 0.97}}}))
+    (tmp_path / "fp16.json").write_text(json.dumps({MODEL: {"gate": {"passed": False, "agreement": 0.5}}}))
+    r = variants.measure_model(MODEL, rounds=3)
+    assert set(r["batches"]["32"]["latency"]) == set(variants.VARIANTS)  # all measured ...
+    assert r["gates"]["int8"]["passed"] is False  # no INT8 gate recorded here: never picked
+    assert all(b["best"] == "fp32" for b in r["batches"].values())  # ... only the gated one is picked
+
+
+def test_export_neither_builds_nor_serves_a_variant_that_missed_its_gate(cnn, tmp_path, monkeypatch):
+    from export import pipeline
+    from export.int8 import choices
+    from training import paths
+
+    spec, fp32 = cnn
+    monkeypatch.setattr(paths, "REPOSITORY_DIR", tmp_path)
+    monkeypatch.setattr(choices, "CHOICES_PATH", tmp_path / "choices.json")
+    save_choice(MODEL, Int8Choice(ship=False, not_shipped="missed its test-split gate: x"))
+    stale = layout.int8_onnx_path(MODEL)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"stale")
+    status, agreement = pipeline._int8_gate(spec, None, fp32)
+    assert status.startswith("int8 not shipped (missed") and agreement is None
+    assert not stale.parent.parent.exists()  # the whole cnn_int8 folder: no config is left without its graph

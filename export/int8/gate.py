@@ -88,11 +88,15 @@ def build_int8_graphs(spec: ModelSpec, fp32: dict[str, Path], choice: Int8Choice
 
 
 def remove_int8_graphs(spec: ModelSpec) -> None:
-    """Remove the served int8 graphs of ``spec`` (a variant that missed its gate must not be served)."""
-    for g in spec.deploy_graphs():
-        path = layout.int8_onnx_path(spec.graph_model_name(g))
-        if path.exists():
-            path.unlink()
+    """Remove the served int8 models of ``spec`` (generated folders: graph, config, backend): a variant that
+    missed its gate must not be served, and a config left without its graph would fail the server's load."""
+    import shutil
+
+    names = [spec.graph_model_name(g) for g in spec.deploy_graphs()] + ([spec.name] if spec.composition else [])
+    for name in names:
+        folder = layout.model_dir(f"{name}{layout.INT8_SUFFIX}")
+        if folder.exists():
+            shutil.rmtree(folder)
 
 
 def task_metric(spec: ModelSpec, outputs: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> tuple[str, float]:
