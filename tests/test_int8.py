@@ -270,3 +270,17 @@ def test_export_neither_builds_nor_serves_a_variant_that_missed_its_gate(cnn, tm
     status, agreement = pipeline._int8_gate(spec, None, fp32)
     assert status.startswith("int8 not shipped (missed") and agreement is None
     assert not stale.parent.parent.exists()  # the whole cnn_int8 folder: no config is left without its graph
+
+
+@pytest.mark.parametrize("name", ["cnn", "attention_to_scale"])
+def test_gate_and_selection_labels_come_from_the_models_data_source(name):
+    """The arrays the gate and the probe score against (labels, masks) belong to the very images fed to the
+    graphs, for every data source (the multi-scale segmentation split included)."""
+    from export.int8.calibration import selection_data
+    from export.int8.gate import test_split
+
+    spec = get_spec(name)
+    feeds, data = test_split(spec, 4)
+    np.testing.assert_array_equal(feeds["image"], data["image"])
+    _, sel = training_feeds(spec, BATCH, 4)
+    np.testing.assert_array_equal(sel["image"], selection_data(spec, 4)["image"])
