@@ -29,7 +29,7 @@ from export.runners import OnnxRuntimeRunner, TorchRunner
 from export.timing import percentiles
 from training import paths
 from training.checkpoints import checkpoint_path
-from training.data import make_split
+from training.datasets import split_for
 from training.feeds import sample_feeds
 from training.registry import ModelSpec, get_spec
 from training.train import evaluate
@@ -79,7 +79,7 @@ def sweep(name: str, param: str, values: list[Any], batches: tuple[int, ...] = (
     torch.set_num_threads(threads)
     state = torch.load(checkpoint_path(name), map_location="cpu", weights_only=True)
     # seed + 1: images unseen by training
-    test = make_split("test", test_size, spec.train.canvas, seed=spec.train.seed + 1, source=spec.train.data)
+    test = split_for(spec, "test", test_size, seed=spec.train.seed + 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for value in tqdm(values, desc=f"sweep {name} {param}"):

@@ -62,6 +62,7 @@ class ModelInfo:
     description: str = ""
     input_bounds: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # input -> axis -> range
     input_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # integer input -> values
+    labelled: tuple[str, ...] = ()  # outputs with a label file: Triton's classification extension (class_count)
 
     @staticmethod
     def from_config(cfg: dict) -> ModelInfo:
@@ -81,7 +82,7 @@ class ModelInfo:
         ranges = {k: (float(v[0]), float(v[1])) for k, v in json.loads(params.get("input_ranges") or "{}").items()}
         return ModelInfo(cfg["name"], int(cfg.get("max_batch_size", 0)), tensors("input"), tensors("output"),
                          json.loads(params.get("output_kinds") or "{}"), params.get("description", ""), bounds,
-                         ranges)
+                         ranges, tuple(t["name"] for t in cfg.get("output", []) if t.get("label_filename")))
 
     def input_shape_text(self, t: TensorInfo) -> str:
         return "[" + ", ".join(["B", *("?" if d < 0 else str(d) for d in t.dims)]) + "]"
@@ -246,7 +247,7 @@ class Client:
                     raise ClientError(f"model {m!r} input {name!r} values must be in {lo:g}..{hi:g}, "
                                       f"got {a.min()}..{a.max()}")
 
-    def _request(self, inputs: dict[str, np.ndarray]) -> tuple[list, list]:
+    def _request(self, inputs: dict[str, np.ndarray], class_count: int = 0) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype
 
         tc, binary = self._tc, ({"binary_data": True} if self.protocol == "http" else {})
@@ -256,7 +257,11 @@ class Client:
             r = tc.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
             r.set_data_from_numpy(a, **binary)
             reqs.append(r)
-        outs = [tc.InferRequestedOutput(t.name, **binary) for t in self.info.outputs]
+        # class_count on a labelled output: the server answers top-k "score:index:label" strings instead.
+        outs = [tc.InferRequestedOutput(t.name, **binary,
+                                        **({"class_count": class_count} if class_count and t.name in
+                                           self.info.labelled else {}))
+                for t in self.info.outputs]
         return reqs, outs
 
     def _result(self, res: Any) -> dict[str, np.ndarray]:
@@ -272,12 +277,13 @@ class Client:
         return InferenceError(f"model {self.model!r}: {type(e).__name__}: {e}")
 
     def infer(self, x: np.ndarray | dict[str, np.ndarray], *, validate: bool = True,
-              request_id: str = "") -> dict[str, np.ndarray]:
-        """One request; returns {output name: array}. ``validate=False`` sends as-is (server-side checks)."""
+              request_id: str = "", class_count: int = 0) -> dict[str, np.ndarray]:
+        """One request; returns {output name: array}. ``validate=False`` sends as-is (server-side checks).
+        ``class_count=k``: each labelled output comes back as the top-k ``score:index:label`` strings [B, k]."""
         inputs = self.as_inputs(x)
         if validate:
             self.validate(inputs)
-        reqs, outs = self._request(inputs)
+        reqs, outs = self._request(inputs, class_count)
         try:
             res = self._client.infer(self.model, reqs, outputs=outs, request_id=request_id,
                                      **({"client_timeout": self.timeout} if self.protocol == "grpc" else {}))
@@ -330,6 +336,36 @@ class Client:
 
 
 # ------------------------------------------------------------------------------------------ images
+
+IMAGE_SUFFIX = "_image"  # the served model that takes encoded files (serving.image_models)
+FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def file_batch(files: Sequence[str | Path | bytes]) -> np.ndarray:
+    """Encoded image files (paths or their bytes) -> the BYTES tensor ``<model>_image`` takes: object [N, 1]."""
+    out = np.empty((len(files), 1), dtype=object)
+    for i, f in enumerate(files):
+        if isinstance(f, bytes):
+            out[i, 0] = f
+            continue
+        try:
+            out[i, 0] = Path(f).read_bytes()
+        except OSError as e:
+            raise ClientError(f"{f}: cannot read file ({e.strerror or e})") from None
+    return out
+
+
+def top_k(entries: np.ndarray) -> list[tuple[float, int, str]]:
+    """One sample's classification-extension answer (``score:index:label`` strings) as (score, index, label)."""
+    out = []
+    for e in np.asarray(entries).reshape(-1):
+        score, index, label = (e.decode() if isinstance(e, bytes) else str(e)).split(":", 2)
+        out.append((float(score), int(index), label))
+    return out
+
+
+def _format_top(name: str, entries: list[tuple[float, int, str]]) -> str:
+    return f"{name}: " + ", ".join(f"{label} {score:.3f}" for score, _, label in entries)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -394,6 +430,44 @@ def save_drawings(base: Path, outputs: dict[str, np.ndarray], kinds: dict[str, s
     return saved
 
 
+def classify_files(client: Client, files: Sequence[str | Path | bytes], top: int = 5,
+                   labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Send encoded files to a ``<model>_image`` client in batches up to its max batch size; per file, each
+    labelled output as its top-``top`` (score, index, label) and every other output presented by its kind."""
+    mbs = max(client.info.max_batch_size, 1)
+    kinds = client.info.output_kinds
+    results = []
+    for s in range(0, len(files), mbs):
+        chunk = files[s:s + mbs]
+        outs = client.infer(file_batch(chunk), class_count=top)
+        for j in range(len(chunk)):
+            r: dict[str, Any] = {}
+            for name, arr in outs.items():
+                r[name] = top_k(arr[j]) if name in client.info.labelled else \
+                    output_kind(kinds.get(name, "tensor")).present(arr[j])
+            results.append(r)
+    return results
+
+
+def _classify_files(args: argparse.Namespace, files: list[Path]) -> int:
+    name = args.model if args.model.endswith(IMAGE_SUFFIX) else args.model + IMAGE_SUFFIX
+    for f in files:
+        if not f.is_file():
+            raise ClientError(f"{f}: no such file")
+    client = Client(name, args.protocol, args.url)
+    kinds = client.info.output_kinds
+    for f, r in zip(files, classify_files(client, files, args.top_k), strict=True):
+        if args.json:
+            print(json.dumps({"input": str(f), "model": name, "outputs": r}))
+            continue
+        lines = [str(f)]
+        for out, v in r.items():
+            lines.append("  " + (_format_top(out, v) if out in client.info.labelled else
+                                 output_kind(kinds.get(out, "tensor")).format(out, v)))
+        print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="*", type=Path, help="PNG/JPEG or .npy files")
@@ -408,12 +482,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="write each segmentation output as a colour mask PNG (index/output name added for several)")
     p.add_argument("--save-maps", type=Path, metavar="PNG",
                    help="write each map output (attention, weights, saliency) as heat-map PNGs")
+    p.add_argument("--top-k", type=int, default=5, help="labels to print per class output for image files")
+    p.add_argument("--tensor", action="store_true",
+                   help="send image files as decoded tensors to MODEL itself, not their bytes to MODEL_image")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
         if not args.images and not args.sample:
             raise ClientError("give image files or --sample N")
+        files = [f for f in args.images if f.suffix.lower() in FILE_SUFFIXES]
+        if files and not args.tensor:
+            if len(files) != len(args.images) or args.sample:
+                raise ClientError("image files go to MODEL_image as bytes: send .npy tensors or --sample in "
+                                  "another call (or pass --tensor)")
+            return _classify_files(args, files)
         client = Client(args.model, args.protocol, args.url)
         items: list[tuple[str, np.ndarray]] = []  # (label, [1, 1, H, W])
         if args.sample:

@@ -455,6 +455,10 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
                                max_batch_size=min(spec.serving.max_batch_size, spec.export.profile_batch[2]))
             cfg.name = trt_name
             written.append(_write_config(cfg, d, root))
+    if spec.name != FLOOR_MODEL:  # every image model also takes encoded files: <name>_image
+        from serving.image_models import write_image_models
+
+        written += write_image_models(spec, root)
     return written
 
 
@@ -509,6 +513,11 @@ def check_repository(repo_dir: str | Path | None = None) -> list[str]:
     for name in names:
         path = layout.config_path(name, root)
         d = find_deployable(name, specs)
+        if d is None and name.endswith((layout.IMAGE_SUFFIX, layout.PREPROCESS_SUFFIX)):
+            base = name.removesuffix(layout.IMAGE_SUFFIX).removesuffix(layout.PREPROCESS_SUFFIX)
+            if any(s.name == base for s in specs):  # generated from the spec: its tensors checked there
+                validate_config(path.read_text(), None, source=str(path))
+                continue
         if d is None:
             raise RepositoryError(f"{path}: no registered model serves {name!r}")
         validate_config(path.read_text(), d, source=str(path))

@@ -176,6 +176,9 @@ def _first_line(text: str | None) -> str:
     return (text or "").strip().split("\n\nAt:")[0].strip()
 
 
+PROBE_IMAGE = "P3\n2 2\n255\n" + "40 80 120 " * 4
+
+
 def probe_inputs(config: dict) -> list[dict]:
     """A real, small request from the model's own config: warm-up dims where given, else 64 for -1."""
     warm = (config.get("model_warmup") or [{}])[0].get("inputs", {})
@@ -189,6 +192,8 @@ def probe_inputs(config: dict) -> list[dict]:
             n *= d
         dtype = i["data_type"].removeprefix("TYPE_")
         value = False if dtype == "BOOL" else 0
+        if dtype == "STRING":  # an encoded image file (``<model>_image``): a 2x2 plain-text PPM fits in JSON
+            dtype, value = "BYTES", PROBE_IMAGE
         inputs.append({"name": i["name"], "shape": shape, "datatype": dtype, "data": [value] * n})
     return inputs
 

@@ -20,12 +20,19 @@ class MissingCheckpointError(FileNotFoundError):
     pass
 
 
+def weights_dir(name: str) -> Path:
+    """``training/weights/`` for the zoo; ``user_models/`` for a model derived for a user's images."""
+    from training.derived import spec_path
+
+    return paths.USER_MODELS_DIR if spec_path(name).exists() else paths.WEIGHTS_DIR
+
+
 def checkpoint_path(name: str) -> Path:
-    return paths.WEIGHTS_DIR / f"{name}.pt"
+    return weights_dir(name) / f"{name}.pt"
 
 
 def record_path(name: str) -> Path:
-    return paths.WEIGHTS_DIR / f"{name}.json"
+    return weights_dir(name) / f"{name}.json"
 
 
 def file_sha256(path: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.data import make_split
+from training.datasets import split_for
 from training.registry import ModelSpec, TensorSpec
 
 
@@ -26,7 +26,7 @@ def sample_feeds(spec: ModelSpec, n: int, side: int | None = None, seed: int = 0
     for t in spec.inputs:
         if t.data is not None:
             if data is None:
-                data = make_split(split, n, side or spec.train.canvas, seed, spec.train.data)
+                data = split_for(spec, split, n, side, seed)
             feeds[t.name] = np.ascontiguousarray(data[t.data])
         else:
             feeds[t.name] = generated(t, n, side, rng)

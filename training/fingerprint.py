@@ -24,7 +24,8 @@ from training.registry import ModelSpec
 
 MODEL_PACKAGES = ("training.models", "training.ops")
 # Recipe fields added after weights were shipped, with the value every earlier recipe implied.
-ADDED_RECIPE_FIELDS = {"data": "digits", "precision": "float32", "channels_last": False}
+ADDED_RECIPE_FIELDS = {"data": "digits", "precision": "float32", "channels_last": False, "data_digest": "",
+                       "skip_bad_images": False}
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -113,6 +114,11 @@ def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: i
         import training.data
 
         parts.append(code_digest(inspect.getsource(training.data)))
+    from training import images, userdata
+
+    if userdata.is_user_source(r.data):  # a user tree: its content (data_digest) and loader, not where it lies
+        parts[2] = json.dumps({**values, "data": userdata.parse_source(r.data)[0]}, sort_keys=True)
+        parts += [code_digest(inspect.getsource(m)) for m in (userdata, images)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

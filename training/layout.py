@@ -16,6 +16,8 @@ ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 CONFIG_FILE = "config.pbtxt"
 BACKEND_FILE = "model.py"
+IMAGE_SUFFIX = "_image"  # "<model>_image": encoded image files in (serving.image_models)
+PREPROCESS_SUFFIX = "_preprocess"  # its first step: decode + the eval transform
 
 
 def repository_root(repo_dir: str | Path | None = None) -> Path:

@@ -11,4 +11,6 @@ WEIGHTS_DIR = Path(os.environ.get("ATTNZOO_WEIGHTS", REPO_ROOT / "training" / "w
 # Untracked build outputs: custom-op graphs, FP16 graphs, engines.
 ARTIFACTS_DIR = Path(os.environ.get("ATTNZOO_ARTIFACTS", REPO_ROOT / "artifacts"))
 REPOSITORY_DIR = Path(os.environ.get("ATTNZOO_REPOSITORY", REPO_ROOT / "model_repository"))
+# Untracked: models a user trained on their own image trees (spec, weights and record per model).
+USER_MODELS_DIR = Path(os.environ.get("ATTNZOO_USER_MODELS", REPO_ROOT / "user_models"))
 REPORTS_DIR = Path(os.environ.get("ATTNZOO_REPORTS", REPO_ROOT / "reports"))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from training.images import ImagePreprocess
 from training.tasks import Classification, Task
 
 if TYPE_CHECKING:
@@ -153,7 +154,9 @@ class TrainRecipe:
     test_size: int = 2_000
     canvas: int = 64
     seed: int = 0
-    data: str = "digits"  # the data source (training.data.SOURCES)
+    data: str = "digits"  # the data source: training.data.SOURCES, or a user tree "folder:/root", "cub:/root"
+    data_digest: str = ""  # a user tree's content digest (training.userdata.Dataset.digest): what weights saw
+    skip_bad_images: bool = False  # leave a user tree's unreadable files out instead of stopping
     # Training arithmetic: "bfloat16" runs forward and loss under CPU autocast (AVX-512 BF16: 1.35x here on
     # conv nets); weights, optimizer and the exported graphs stay float32. channels_last: NHWC convolutions.
     precision: str = "float32"
@@ -236,6 +239,10 @@ class ModelSpec:
     # Triton composes them (the pipeline's inputs and outputs are still the spec's).
     graphs: tuple[GraphSpec, ...] = ()
     composition: Composition | None = None
+    # How an encoded image file becomes the image input (the served ``<name>_image`` and the client); None:
+    # the image input's own size and channels, [0, 1] values (``image_preprocess``).
+    preprocess: ImagePreprocess | None = None
+    class_names: tuple[str, ...] = ()  # labels of the class logits (default: the class indices)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -256,6 +263,31 @@ class ModelSpec:
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
+
+    @property
+    def image_input(self) -> TensorSpec | None:
+        """The one image input a file can feed (kind ``image``) when every other input is optional, else None."""
+        images = [t for t in self.inputs if t.kind == "image"]
+        rest = [t for t in self.inputs if t.kind != "image" and not t.optional]
+        return images[0] if len(images) == 1 and not rest and len(images[0].axes) == 3 else None
+
+    def image_preprocess(self) -> ImagePreprocess | None:
+        """The eval transform from an encoded file to the image input; None for a model without one."""
+        if self.preprocess is not None or self.image_input is None:
+            return self.preprocess
+        t = self.image_input
+        channels = t.axes[0]
+        sides = [a.opt if isinstance(a, Dim) else a for a in t.axes[1:]]
+        if channels not in (1, 3) or sides[0] != sides[1]:
+            return None
+        # The generated digits are square canvases in [0, 1]: resize the shorter side to the canvas, no crop.
+        return ImagePreprocess(sides[0], channels, resize=sides[0], mean=(0.0,), std=(1.0,))
+
+    def labels(self, num_classes: int) -> tuple[str, ...]:
+        """Names of ``num_classes`` classes: ``class_names`` when they match, else the indices."""
+        if len(self.class_names) == num_classes:
+            return self.class_names
+        return tuple(str(i) for i in range(num_classes))
 
     def deploy_graphs(self) -> tuple[GraphSpec, ...]:
         """Every graph to export: the declared ones, or the whole model as one graph named like the model."""
@@ -281,9 +313,36 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+_USER_SPECS_LOADED: set[str] = set()
+
+
 def _ensure_models_imported() -> None:
     # Importing the package runs every family file's register_model calls (and imports torch).
     import training.models  # noqa: F401
+
+    _register_user_models()
+
+
+def _register_user_models() -> None:
+    """Register every model derived for a user's images (``user_models/*.spec.json``, training.derived)."""
+    import json
+    import sys
+
+    from training.derived import DerivationError, derive_spec, user_spec_files
+
+    for path in user_spec_files():
+        if str(path) in _USER_SPECS_LOADED:
+            continue
+        _USER_SPECS_LOADED.add(str(path))
+        try:
+            info = json.loads(path.read_text())
+            if info["name"] in _REGISTRY:
+                raise DerivationError(f"name {info['name']!r} is already a registered model")
+            if info["base"] not in _REGISTRY:
+                raise DerivationError(f"base model {info['base']!r} is not registered")
+            register_model(derive_spec(_REGISTRY[info["base"]], info))
+        except (ValueError, KeyError, OSError) as e:  # one bad file must not hide the zoo
+            print(f"warning: {path}: skipped: {e}", file=sys.stderr)
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from training.checkpoints import checkpoint_path, load_record, save_checkpoint
-from training.data import make_split
+from training.datasets import split_for
 from training.fingerprint import host_fingerprint, weights_fingerprint
 from training.registry import ModelSpec, Stage, TensorSpec, TrainRecipe, get_spec
 
@@ -137,8 +137,8 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
     name = spec.name
     r = spec.train
     torch.manual_seed(r.seed)
-    train = make_split("train", train_size or r.train_size, r.canvas, r.seed, r.data)
-    test = make_split("test", test_size or r.test_size, r.canvas, r.seed, r.data)
+    train = split_for(spec, "train", train_size or r.train_size)
+    test = split_for(spec, "test", test_size or r.test_size)
     model = spec.builder()
     if r.channels_last:
         model = model.to(memory_format=torch.channels_last)

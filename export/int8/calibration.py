@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from training.data import make_split
+from training.datasets import split_for
 from training.feeds import sample_feeds
 from training.registry import ModelSpec
 
@@ -59,4 +59,4 @@ def training_feeds(spec: ModelSpec, n_calibration: int, n_selection: int = 0) ->
 
 def selection_data(spec: ModelSpec, n_selection: int) -> dict[str, np.ndarray]:
     """The selection images' labels and masks (the arrays ``training_feeds``'s selection feeds come from)."""
-    return make_split("train", n_selection, spec.train.canvas, SELECTION_SEED, spec.train.data)
+    return split_for(spec, "train", n_selection, seed=SELECTION_SEED)

@@ -29,7 +29,7 @@ from export.int8.quantize import preprocess, quantize
 from export.parity import deployed_runner
 from export.runners import infer_batched
 from training import layout
-from training.data import make_split
+from training.datasets import split_for
 from training.feeds import sample_feeds
 from training.registry import ModelSpec
 
@@ -161,7 +161,7 @@ def require_gate(spec: ModelSpec, result: dict[str, Any]) -> None:
 
 def test_split(spec: ModelSpec, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(feeds, the split's arrays: labels, masks) of ``n`` test images, the same images ``sample_feeds`` gives."""
-    return sample_feeds(spec, n, spec.train.canvas), make_split("test", n, spec.train.canvas, source=spec.train.data)
+    return sample_feeds(spec, n, spec.train.canvas), split_for(spec, "test", n, seed=0)
 
 
 def int8_gate(spec: ModelSpec, model: Any, fp32: dict[str, Path] | Path, n: int = 1000, *,

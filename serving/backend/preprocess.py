@@ -1,0 +1,63 @@
+"""The generic Triton python-backend preprocessing model: encoded image files -> a model's image input.
+
+Served as ``<name>_preprocess``, the first step of the ``<name>_image`` ensemble (``serving.repository``). Its
+input is a BYTES tensor, one encoded file (JPEG, PNG, WebP, BMP; any size) per batch element; its output is
+the model's image input through the eval transform of training (``training.images.ImagePreprocess``, read
+from the config's ``preprocess`` parameter): the same code, so the served input equals training's.
+
+A request whose payload is empty, is no image, is truncated or is above the pixel limit gets its own
+INVALID_ARG error naming the element and the problem; the other requests of the batch are answered.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from training.images import ImageError, ImagePreprocess
+
+
+def _error(message: str):
+    return pb_utils.InferenceResponse(
+        output_tensors=[], error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        cfg = json.loads(args["model_config"])
+        self.name = cfg["name"]
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        self.pre = ImagePreprocess.from_json(params["preprocess"])
+        self.input = cfg["input"][0]["name"]
+        self.output = cfg["output"][0]["name"]
+
+    def _one(self, request) -> object:
+        t = pb_utils.get_input_tensor_by_name(request, self.input)
+        if t is None:
+            raise ImageError(f"model '{self.name}': missing input '{self.input}' (encoded image files, BYTES)")
+        files = t.as_numpy().reshape(-1)
+        if files.size == 0:
+            raise ImageError(f"model '{self.name}': input '{self.input}' is an empty batch")
+        out = np.empty((files.size, self.pre.channels, self.pre.size, self.pre.size), np.float32)
+        for k, data in enumerate(files):
+            raw = data if isinstance(data, bytes) else bytes(data)
+            try:
+                out[k] = self.pre(raw, source=f"model '{self.name}': input '{self.input}' element {k}")
+            except ImageError:
+                raise
+            except Exception as e:  # Pillow raises many types for malformed files; name the element
+                raise ImageError(f"model '{self.name}': input '{self.input}' element {k}: cannot decode image: "
+                                 f"{e}") from None
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, out)])
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._one(request))
+            except ImageError as e:
+                responses.append(_error(str(e)))
+        return responses

@@ -1,0 +1,131 @@
+"""Raw image files over the wire: ``<name>_image`` for every model with an image input.
+
+Two Triton models per image model, generated beside its own:
+
+- ``<name>_preprocess`` (python backend, ``backend/preprocess.py``): a BYTES input ``image_file`` (one encoded
+  file per batch element) -> the model's image input, through the spec's eval transform
+  (``ModelSpec.image_preprocess``, written into the config as JSON);
+- ``<name>_image`` (Triton's ensemble scheduler): that step, then ``<name>`` itself. Its rank-1 class outputs
+  carry ``label_filename: "labels.txt"``, so Triton's classification extension answers a request for
+  ``class_count=k`` with the top-k ``score:index:label`` strings, over gRPC and HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from training import layout
+
+if TYPE_CHECKING:
+    from training.registry import ModelSpec, TensorSpec
+
+FILE_INPUT = "image_file"
+LABELS_FILE = "labels.txt"
+IMAGE_TENSOR = "_decoded_image"  # the ensemble's internal tensor between the two steps
+BACKEND_PREPROCESS_PY = Path(__file__).resolve().parent / "backend" / "preprocess.py"
+
+
+def file_input() -> TensorSpec:
+    from training.registry import TensorSpec
+
+    return TensorSpec(FILE_INPUT, (1,), "object", "file", "encoded image file (JPEG, PNG, WebP, BMP), any size")
+
+
+def image_model_name(spec: ModelSpec) -> str:
+    return spec.name + layout.IMAGE_SUFFIX
+
+
+def preprocess_model_name(spec: ModelSpec) -> str:
+    return spec.name + layout.PREPROCESS_SUFFIX
+
+
+def has_image_models(spec: ModelSpec) -> bool:
+    return spec.image_preprocess() is not None
+
+
+def _labelled(t: TensorSpec) -> bool:
+    return t.kind == "logits" and len(t.axes) == 1 and isinstance(t.axes[0], int)
+
+
+def preprocess_config(spec: ModelSpec) -> Any:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from serving.repository import _add_tensors, _set_parameters
+
+    pre = spec.image_preprocess()
+    image = spec.image_input
+    cfg = mc.ModelConfig(name=preprocess_model_name(spec), max_batch_size=spec.serving.max_batch_size,
+                         backend="python")
+    out = image.__class__(image.name, (pre.channels, pre.size, pre.size), "float32", "image", image.description)
+    _add_tensors(cfg, [file_input()], [out])
+    cfg.dynamic_batching.max_queue_delay_microseconds = spec.serving.max_queue_delay_us
+    # Decoding runs on the CPU on any host; one instance per core would compete with the model's threads.
+    cfg.instance_group.add(count=spec.serving.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    cfg.version_policy.latest.num_versions = 1
+    _set_parameters(cfg, {"preprocess": pre.to_json(),
+                          "description": f"encoded image files -> {spec.name}'s input '{image.name}'"})
+    return cfg
+
+
+def image_config(spec: ModelSpec) -> Any:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from serving.repository import _add_tensors, _client_parameters, _set_parameters
+
+    image = spec.image_input
+    cfg = mc.ModelConfig(name=image_model_name(spec), max_batch_size=spec.serving.max_batch_size,
+                         platform="ensemble")
+    _add_tensors(cfg, [file_input()], spec.outputs)
+    for o in cfg.output:
+        t = next(t for t in spec.outputs if t.name == o.name)
+        if _labelled(t):
+            o.label_filename = LABELS_FILE
+    first = cfg.ensemble_scheduling.step.add(model_name=preprocess_model_name(spec), model_version=-1)
+    first.input_map[FILE_INPUT] = FILE_INPUT
+    first.output_map[image.name] = IMAGE_TENSOR
+    second = cfg.ensemble_scheduling.step.add(model_name=spec.name, model_version=-1)
+    second.input_map[image.name] = IMAGE_TENSOR
+    second.output_map.update({t.name: t.name for t in spec.outputs})
+    params = _client_parameters(spec, [file_input()], spec.outputs)
+    params["preprocess"] = spec.image_preprocess().to_json()
+    _set_parameters(cfg, params)
+    return cfg
+
+
+def labels_text(spec: ModelSpec) -> str | None:
+    labelled = [t for t in spec.outputs if _labelled(t)]
+    if not labelled:
+        return None
+    return "\n".join(spec.labels(int(labelled[0].axes[0]))) + "\n"
+
+
+def write_image_models(spec: ModelSpec, root: Path) -> list[Path]:
+    """``<name>_preprocess`` and ``<name>_image`` for ``spec`` (nothing for a model without an image input)."""
+    from serving.repository import _copy, _write_text, config_text, validate_config
+
+    if not has_image_models(spec):
+        return []
+    written = []
+    for cfg in (preprocess_config(spec), image_config(spec)):
+        path = layout.config_path(cfg.name, root)
+        text = config_text(cfg)
+        validate_config(text, None, source=str(path))
+        _write_text(path, text)
+        written.append(path)
+        layout.version_dir(cfg.name, root).mkdir(parents=True, exist_ok=True)
+    written.append(_copy(BACKEND_PREPROCESS_PY,
+                         layout.version_dir(preprocess_model_name(spec), root) / layout.BACKEND_FILE))
+    labels = labels_text(spec)
+    if labels:
+        path = layout.model_dir(image_model_name(spec), root) / LABELS_FILE
+        _write_text(path, labels)
+        written.append(path)
+    return written
+
+
+def preprocess_json(cfg: dict) -> dict | None:
+    """The eval transform a served ``<name>_image`` config declares (JSON config as the server returns it)."""
+    p = cfg.get("parameters", {}).get("preprocess", {}).get("string_value")
+    return json.loads(p) if p else None
