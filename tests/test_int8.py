@@ -267,9 +267,43 @@ def test_export_neither_builds_nor_serves_a_variant_that_missed_its_gate(cnn, tm
     stale = layout.int8_onnx_path(MODEL)
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"stale")
-    status, agreement = pipeline._int8_gate(spec, None, fp32)
-    assert status.startswith("int8 not shipped (missed") and agreement is None
+    status, agreement, failure = pipeline._int8_gate(spec, None, fp32)
+    assert status.startswith("int8 not shipped (missed") and agreement is None and failure is None
     assert not stale.parent.parent.exists()  # the whole cnn_int8 folder: no config is left without its graph
+
+
+def test_export_fails_naming_the_model_when_a_shipped_int8_graph_misses_its_gate(cnn, tmp_path, monkeypatch, capsys):
+    """Recorded ``ship: true`` but missing the gate now (here: an impossible metric bar) is an export failure:
+    one line naming the model and the missed criterion, a non-zero exit, and the int8 graph is not served."""
+    from export import __main__ as export_main
+    from export import pipeline
+    from export.int8 import choices
+    from training import load_trained, paths
+
+    spec, fp32 = cnn
+    monkeypatch.setattr(paths, "REPOSITORY_DIR", tmp_path / "repo")
+    monkeypatch.setattr(paths, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(choices, "CHOICES_PATH", tmp_path / "choices.json")
+    save_choice(MODEL, Int8Choice(calibration_images=64))  # ship: true
+    impossible = dataclasses.replace(spec, checks=dataclasses.replace(spec.checks, int8_max_metric_drop=-0.5))
+    status, agreement, failure = pipeline._int8_gate(impossible, load_trained(MODEL), fp32, n=200)
+    assert "(FAIL)" in status and agreement is not None
+    assert failure.startswith(f"model '{MODEL}': INT8 graph misses its gate") and "accuracy" in failure
+    assert "\n" not in failure
+    assert not layout.model_dir(MODEL + layout.INT8_SUFFIX).exists()  # built, gated, then removed: not served
+
+    # Through `python -m export`: the parity row is kept, the exit is non-zero with that one line.
+    summary = pipeline.ExportSummary(name=MODEL, int8=status, int8_agreement=agreement, int8_failure=failure)
+    monkeypatch.setattr(export_main, "export_model", lambda name, **kw: summary)
+    assert export_main.main([MODEL]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {MODEL}: {failure}"]
+    assert json.loads((tmp_path / "reports" / "parity.json").read_text())[MODEL]["int8_failure"] == failure
+
+    # The same choice recorded `ship: false` (measured to miss) is skipped: a note, no failure.
+    save_choice(MODEL, Int8Choice(calibration_images=64, ship=False, not_shipped="missed its test-split gate: x"))
+    status, agreement, failure = pipeline._int8_gate(impossible, None, fp32)
+    assert status.startswith("int8 not shipped") and agreement is None and failure is None
 
 
 @pytest.mark.parametrize("name", ["cnn", "attention_to_scale"])
