@@ -306,6 +306,49 @@ def test_export_fails_naming_the_model_when_a_shipped_int8_graph_misses_its_gate
     assert status.startswith("int8 not shipped") and agreement is None and failure is None
 
 
+def test_gpu_check_builds_and_times_int8_engines_as_far_as_this_host_goes(cnn, tmp_path, monkeypatch, capsys):
+    """``make gpu-check``'s int8 path: the plan (a not-shipped model gets no int8 engine, and says why), and
+    the build of the TensorRT QDQ graph's engine; without a GPU the run is a skip naming the reason, with one
+    the engine is gated on the int8 agreement rule and timed with the other runners."""
+    import argparse
+
+    from export import gpu_check
+    from export.int8 import choices
+    from export.tensorrt import trt_available
+
+    spec, fp32 = cnn
+    monkeypatch.setattr(choices, "CHOICES_PATH", tmp_path / "choices.json")
+    save_choice(MODEL, Int8Choice(calibration_images=64))
+    plan = gpu_check.engine_plan(spec)
+    assert [(r["precision"], r["triton_model"]) for r in plan] == [(p, MODEL) for p in gpu_check.PRECISIONS]
+    assert plan[2]["source"].startswith("QDQ int8 graph, tensorrt flavour")
+    assert gpu_check.main([MODEL, "--plan", "--precisions", "int8"]) == 0
+    assert capsys.readouterr().out.strip() == f"{MODEL}: int8 {MODEL} ({plan[2]['source']})"
+    with pytest.raises(SystemExit):
+        gpu_check.main([MODEL, "--plan", "--precisions", "int4"])
+
+    if not trt_available():
+        pytest.skip("no TensorRT here")
+    gated: list[tuple[str, str]] = []
+    entry = {"engines_planned": gpu_check.engine_plan(spec, ("int8",)), "engines": {}, "skipped": []}
+    runners: dict = {}
+    gpu_check._tensorrt(spec, fp32, tmp_path, runners, lambda label, runner, precision: gated.append(
+        (label, precision)), entry, argparse.Namespace(precisions=("int8",), engines=None))
+    built = entry["engines"]["int8"][MODEL]
+    assert built["plan_bytes"] > 0 and built["onnx"].endswith(".int8.tensorrt.onnx")
+    if gated:  # a GPU ran it
+        assert gated == [(next(iter(runners)), "int8")]
+    else:
+        assert len(entry["skipped"]) == 1 and "needs a CUDA GPU" in entry["skipped"][0]
+
+    save_choice(MODEL, Int8Choice(ship=False, not_shipped="missed its test-split gate: x"))
+    entry = {"engines_planned": gpu_check.engine_plan(spec, ("int8",)), "engines": {}, "skipped": []}
+    gpu_check._tensorrt(spec, fp32, tmp_path, {}, None, entry, argparse.Namespace(precisions=("int8",), engines=None))
+    assert entry["engines"] == {} and len(entry["skipped"]) == 1
+    assert entry["skipped"][0].startswith("TensorRT int8")
+    assert entry["skipped"][0].endswith(": int8 not shipped (missed its test-split gate: x)")
+
+
 @pytest.mark.parametrize("name", ["cnn", "attention_to_scale"])
 def test_gate_and_selection_labels_come_from_the_models_data_source(name):
     """The arrays the gate and the probe score against (labels, masks) belong to the very images fed to the
