@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {report} ({time.perf_counter() - start:.0f} s)")
     failed = [s for s in summaries if not s.ok]
     for s in failed:
-        print(f"error: {s.name}: {s.error or '; '.join(s.bar_failures)}", file=sys.stderr)
+        print(f"error: {s.name}: {s.failure}", file=sys.stderr)
     return 1 if failed else 0
 
 

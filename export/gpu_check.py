@@ -4,12 +4,17 @@ On a CUDA host it:
 - runs torch eager on the GPU in fp32 (TF32 off) and fp16 (autocast) against the fp32 CPU reference;
 - runs onnxruntime with the CUDA provider when onnxruntime-gpu is installed (else the CPU provider,
   labelled as such, as a baseline);
-- with TensorRT installed, builds FP32 and FP16 engines for this GPU (one per graph, composed as the spec
-  composes them) and runs them after refusing any engine built for another GPU/version;
+- with TensorRT installed, builds FP32, FP16 and INT8 engines for this GPU (one per graph, composed as the
+  spec composes them) and runs them after refusing any engine built for another GPU/version. INT8 engines
+  come from the ``tensorrt`` flavour of each graph's QDQ int8 graph (``export.int8``: the model's recorded
+  choice in ``export/int8/choices.json``, calibrated on training images; explicit quantization, the
+  strongly typed builder takes int8 from the Q/DQ nodes); a model recorded not to ship int8 gets none, and
+  the report says why. ``--precisions`` narrows the list; ``--plan`` prints what would be built, per model,
+  and exits without running anything (no GPU needed);
 - compares every runner with the reference through the one comparator (``export.compare``) on every
   output the spec declares, at each of ``spec.checks.parity_sides``: fp32 runners are held to
-  ``spec.checks.trt_fp32_max_abs``, fp16 ones to ``spec.checks.fp16_min_agreement`` (the output kinds'
-  agreement rules);
+  ``spec.checks.trt_fp32_max_abs``, fp16 ones to ``spec.checks.fp16_min_agreement`` and int8 ones to
+  ``spec.checks.int8_agreement`` (the output kinds' agreement rules, as the INT8 export gate);
 - times every runner at batch 1, 8 and 64 (p50/p95 latency, throughput), numpy in -> numpy out, so
   host<->device copies are included the same way for all, as a server would pay them;
 - writes ``reports/gpu_check.{md,json}`` and says what it skipped and why.
@@ -39,6 +44,8 @@ from export.compare import Tolerance, compare, merge
 from export.runners import ComposedRunner, OnnxRuntimeRunner, Runner, TorchRunner, infer_batched
 from export.timing import percentiles
 from training import layout
+
+PRECISIONS = ("fp32", "fp16", "int8")  # the TensorRT engines built per graph, in this order
 
 # --------------------------------------------------------------------------------------------- measure
 
@@ -75,6 +82,47 @@ def composed(spec: Any, per_graph: dict[str, Runner], name: str) -> Runner:
     return ComposedRunner(spec.composition, per_graph, spec.output_names, name=name)
 
 
+def engine_plan(spec: Any, precisions: tuple[str, ...] = PRECISIONS) -> list[dict[str, Any]]:
+    """What ``_tensorrt`` builds for ``spec``, in order, without building anything (no GPU or TensorRT needed):
+    one row per precision and graph with the Triton model and the ONNX graph the engine comes from; an int8
+    row of a model recorded not to ship int8 carries ``skipped`` (why) instead."""
+    from export.int8.choices import choice_for
+
+    choice = choice_for(spec.name)
+    kept = sum(len(v) for v in choice.keep_fp32_nodes.values()) + len(choice.keep_fp32_ops)
+    sources = {"fp32": "fp32 graph", "fp16": "fp32 graph, converted to fp16 as the spec keeps it",
+               "int8": f"QDQ int8 graph, tensorrt flavour, {choice.calibration} calibration on "
+                       f"{choice.calibration_images} training images, {kept} kept float"}
+    rows = []
+    for precision in precisions:
+        for g in spec.deploy_graphs():
+            row = {"precision": precision, "graph": g.name, "triton_model": spec.graph_model_name(g)}
+            if precision == "int8" and not choice.ship:
+                row["skipped"] = f"int8 not shipped ({choice.not_shipped})"
+            else:
+                row["source"] = sources[precision]
+            rows.append(row)
+    return rows
+
+
+def plan_text(rows: list[dict[str, Any]]) -> str:
+    """One line: ``fp32 cnn, fp16 cnn, int8 cnn (QDQ ...)``; a skipped row says why."""
+    def one(r: dict[str, Any]) -> str:
+        what = f"{r['precision']} {r['triton_model']}"
+        return f"{what} (skipped: {r['skipped']})" if "skipped" in r else \
+            (f"{what} ({r['source']})" if r["precision"] == "int8" else what)
+
+    return ", ".join(one(r) for r in rows) or "none"
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    out = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in out if x not in PRECISIONS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown precision {bad}; expected some of {','.join(PRECISIONS)}")
+    return out
+
+
 class Gate:
     """Every runner vs the reference, per side, through the one comparator."""
 
@@ -84,14 +132,18 @@ class Gate:
         self.untrained, self.batch = untrained, batch
         self.ok = True
 
-    def __call__(self, label: str, runner: Runner, fp16: bool) -> None:
+    def __call__(self, label: str, runner: Runner, precision: str = "fp32") -> None:
         checks = self.spec.checks
         # Per output: an output with its own measured bound (``Checks.output_max_abs`` / ``fp16_output_agreement``)
         # keeps it on TensorRT too.
-        if fp16:
+        if precision == "fp16":
             tol = {t.name: Tolerance(max_abs=None, min_agreement=checks.fp16_agreement(t.name))
                    for t in self.spec.outputs}
             rule = f"agreement >= {checks.fp16_min_agreement}"
+        elif precision == "int8":
+            tol = {t.name: Tolerance(max_abs=None, min_agreement=checks.int8_agreement(t.name))
+                   for t in self.spec.outputs}
+            rule = f"agreement >= {checks.int8_min_agreement}"
         else:
             tol = {t.name: Tolerance(max_abs=max(checks.trt_fp32_max_abs, checks.max_abs(t.name)), min_agreement=None)
                    for t in self.spec.outputs}
@@ -106,7 +158,8 @@ class Gate:
             "rule": rule, "passed": passed, "failures": failures, "max_abs": merged["max_abs"],
             "agreement": merged["agreement"], "sides": {str(s): c.as_dict() for s, c in comparisons.items()},
         }
-        self.ok &= passed or (self.untrained and fp16)  # untrained logits are near-ties: agreement is noise
+        # untrained logits are near-ties: agreement is noise
+        self.ok &= passed or (self.untrained and precision != "fp32")
         agree = " ".join(f"{k} {v:.4f}" for k, v in merged["agreement"].items()) or "-"
         worst = max(merged["max_abs"].values(), default=0.0)
         print(f"  {label:<28} agreement {agree}  max|err| {worst:.2e}  {'ok' if passed else 'FAIL'} ({rule})")
@@ -142,13 +195,15 @@ def check_model(name: str, args: argparse.Namespace, report: dict[str, Any], dea
     dev = args.device
     label = f"torch eager fp32 ({dev})"
     runners[label] = TorchRunner.for_spec(spec, model, device=dev, name=label)
-    gate(label, runners[label], fp16=False)
+    gate(label, runners[label])
+    entry["engines_planned"] = engine_plan(spec, tuple(args.precisions))
     if dev == "cuda":
         label = "torch eager fp16 (autocast)"
         runners[label] = TorchRunner.for_spec(spec, model, device=dev, autocast_fp16=True, name=label)
-        gate(label, runners[label], fp16=True)
+        gate(label, runners[label], precision="fp16")
     else:
-        skipped.append("torch fp16 and TensorRT: --device cpu (smoke run of this script)")
+        skipped.append("torch fp16 and TensorRT: --device cpu (smoke run of this script); would build: "
+                       + plan_text(entry["engines_planned"]))
 
     tmp = Path(tempfile.mkdtemp(prefix=f"gpu_check_{name}_"))
     graphs = _graph_files(spec, model, tmp, entry)
@@ -161,7 +216,7 @@ def check_model(name: str, args: argparse.Namespace, report: dict[str, Any], dea
             label = "onnxruntime CUDA" if cuda else f"onnxruntime CPU ({os.cpu_count()} cores)"
             per_graph = {g: OnnxRuntimeRunner(p, providers=providers) for g, p in graphs.items()}
             runners[label] = composed(spec, per_graph, label)
-            gate(label, runners[label], fp16=False)
+            gate(label, runners[label])
             if not cuda:
                 skipped.append("onnxruntime CUDA provider: onnxruntime-gpu is not installed (CPU provider timed)")
         except Exception as exc:
@@ -210,26 +265,42 @@ def _tensorrt(spec: Any, graphs: dict[str, Path], tmp: Path, runners: dict[str, 
     try:
         _, flavour = import_trt()
     except TensorRTUnavailableError as exc:
-        entry["skipped"].append(f"TensorRT engines: {exc}")
+        entry["skipped"].append(f"TensorRT engines ({plan_text(entry['engines_planned'])}): {exc}")
         return
-    for precision in ("fp32", "fp16"):
+    root = Path(args.engines) if args.engines else tmp / "engines"
+    deploy = {g.name: g for g in spec.deploy_graphs()}
+    for precision in args.precisions:
         label = f"TensorRT {precision}" + (" (RTX)" if flavour == "tensorrt_rtx" else "")
+        rows = [r for r in entry["engines_planned"] if r["precision"] == precision]
+        why = next((r["skipped"] for r in rows if "skipped" in r), None)
+        if why:
+            entry["skipped"].append(f"{label}: {why}")
+            continue
         per_graph: dict[str, Runner] = {}
         try:
-            for g in spec.deploy_graphs():
-                triton_model = spec.graph_model_name(g)
-                root = Path(args.engines) if args.engines else tmp / "engines"
+            sources = _int8_sources(spec, graphs, tmp) if precision == "int8" else graphs
+            for name, src in sources.items():
+                triton_model = spec.graph_model_name(deploy[name])
                 plan = layout.engine_dir(triton_model, root) / precision / layout.PLAN_FILE
-                info = build_engine(graphs[g.name], spec, plan, precision=precision, graph=g)
+                info = build_engine(src, spec, plan, precision=precision, graph=deploy[name])
                 entry["engines"].setdefault(precision, {})[triton_model] = {
-                    "plan": str(plan), "build_seconds": info.build_seconds, "plan_bytes": info.plan_bytes,
-                    "label": info.label}
-                per_graph[g.name] = TensorRTRunner(plan)
+                    "plan": str(plan), "onnx": str(src), "build_seconds": info.build_seconds,
+                    "plan_bytes": info.plan_bytes, "label": info.label}
+                per_graph[name] = TensorRTRunner(plan)
         except Exception as exc:
             entry["skipped"].append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             continue
         runners[label] = composed(spec, per_graph, label)
-        gate(label, runners[label], fp16=precision == "fp16")
+        gate(label, runners[label], precision=precision)
+
+
+def _int8_sources(spec: Any, graphs: dict[str, Path], tmp: Path) -> dict[str, Path]:
+    """Graph name -> the ``tensorrt`` flavour of its QDQ int8 graph, quantized with the model's recorded choice
+    (calibrated on training images, on this host's CPU) into ``tmp``."""
+    from export.int8.choices import choice_for
+    from export.int8.gate import build_int8_graphs
+
+    return build_int8_graphs(spec, graphs, choice_for(spec.name), out_dir=tmp / "int8", flavour="tensorrt")
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -319,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=50, help="timed calls per runner and batch (default 50)")
     p.add_argument("--untrained", action="store_true", help="use untrained weights when no checkpoints are here")
     p.add_argument("--engines", default=None, help="keep engines under this folder (default: a temp folder)")
+    p.add_argument("--precisions", type=_precisions, default=PRECISIONS,
+                   help="TensorRT engines to build, comma list (default fp32,fp16,int8)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the TensorRT engines each model would get, then exit (runs nothing)")
     p.add_argument("--max-seconds", type=float, default=480, help="start no new work after this (default 480)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default reports/)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -329,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     names = model_names(args.models)
     if names is None:
         return 2
+    if args.plan:
+        from training.registry import get_spec
+
+        for name in names:
+            print(f"{name}: {plan_text(engine_plan(get_spec(name), tuple(args.precisions)))}")
+        return 0
     import torch
 
     deadline = time.time() + args.max_seconds
@@ -337,7 +418,13 @@ def main(argv: list[str] | None = None) -> int:
                               "models": {}, "skipped": []}
     print("host:", json.dumps(report["host"]))
     if args.device == "cuda" and not torch.cuda.is_available():
+        from training.registry import get_spec
+
         report["skipped"].append("everything: no CUDA GPU is visible to torch")
+        report["engines_planned"] = {name: engine_plan(get_spec(name), tuple(args.precisions)) for name in names}
+        for name, rows in report["engines_planned"].items():
+            report["skipped"].append(f"TensorRT engines of {name}: {plan_text(rows)}")
+            print(f"{name}: would build TensorRT engines: {plan_text(rows)}")
         print(f"skipped: everything (no CUDA GPU); wrote {write_report(report, out_dir)}")
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: parity measures the runtime, not TF32

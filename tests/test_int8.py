@@ -267,9 +267,86 @@ def test_export_neither_builds_nor_serves_a_variant_that_missed_its_gate(cnn, tm
     stale = layout.int8_onnx_path(MODEL)
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"stale")
-    status, agreement = pipeline._int8_gate(spec, None, fp32)
-    assert status.startswith("int8 not shipped (missed") and agreement is None
+    status, agreement, failure = pipeline._int8_gate(spec, None, fp32)
+    assert status.startswith("int8 not shipped (missed") and agreement is None and failure is None
     assert not stale.parent.parent.exists()  # the whole cnn_int8 folder: no config is left without its graph
+
+
+def test_export_fails_naming_the_model_when_a_shipped_int8_graph_misses_its_gate(cnn, tmp_path, monkeypatch, capsys):
+    """Recorded ``ship: true`` but missing the gate now (here: an impossible metric bar) is an export failure:
+    one line naming the model and the missed criterion, a non-zero exit, and the int8 graph is not served."""
+    from export import __main__ as export_main
+    from export import pipeline
+    from export.int8 import choices
+    from training import load_trained, paths
+
+    spec, fp32 = cnn
+    monkeypatch.setattr(paths, "REPOSITORY_DIR", tmp_path / "repo")
+    monkeypatch.setattr(paths, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(choices, "CHOICES_PATH", tmp_path / "choices.json")
+    save_choice(MODEL, Int8Choice(calibration_images=64))  # ship: true
+    impossible = dataclasses.replace(spec, checks=dataclasses.replace(spec.checks, int8_max_metric_drop=-0.5))
+    status, agreement, failure = pipeline._int8_gate(impossible, load_trained(MODEL), fp32, n=200)
+    assert "(FAIL)" in status and agreement is not None
+    assert failure.startswith(f"model '{MODEL}': INT8 graph misses its gate") and "accuracy" in failure
+    assert "\n" not in failure
+    assert not layout.model_dir(MODEL + layout.INT8_SUFFIX).exists()  # built, gated, then removed: not served
+
+    # Through `python -m export`: the parity row is kept, the exit is non-zero with that one line.
+    summary = pipeline.ExportSummary(name=MODEL, int8=status, int8_agreement=agreement, int8_failure=failure)
+    monkeypatch.setattr(export_main, "export_model", lambda name, **kw: summary)
+    assert export_main.main([MODEL]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {MODEL}: {failure}"]
+    assert json.loads((tmp_path / "reports" / "parity.json").read_text())[MODEL]["int8_failure"] == failure
+
+    # The same choice recorded `ship: false` (measured to miss) is skipped: a note, no failure.
+    save_choice(MODEL, Int8Choice(calibration_images=64, ship=False, not_shipped="missed its test-split gate: x"))
+    status, agreement, failure = pipeline._int8_gate(impossible, None, fp32)
+    assert status.startswith("int8 not shipped") and agreement is None and failure is None
+
+
+def test_gpu_check_builds_and_times_int8_engines_as_far_as_this_host_goes(cnn, tmp_path, monkeypatch, capsys):
+    """``make gpu-check``'s int8 path: the plan (a not-shipped model gets no int8 engine, and says why), and
+    the build of the TensorRT QDQ graph's engine; without a GPU the run is a skip naming the reason, with one
+    the engine is gated on the int8 agreement rule and timed with the other runners."""
+    import argparse
+
+    from export import gpu_check
+    from export.int8 import choices
+    from export.tensorrt import trt_available
+
+    spec, fp32 = cnn
+    monkeypatch.setattr(choices, "CHOICES_PATH", tmp_path / "choices.json")
+    save_choice(MODEL, Int8Choice(calibration_images=64))
+    plan = gpu_check.engine_plan(spec)
+    assert [(r["precision"], r["triton_model"]) for r in plan] == [(p, MODEL) for p in gpu_check.PRECISIONS]
+    assert plan[2]["source"].startswith("QDQ int8 graph, tensorrt flavour")
+    assert gpu_check.main([MODEL, "--plan", "--precisions", "int8"]) == 0
+    assert capsys.readouterr().out.strip() == f"{MODEL}: int8 {MODEL} ({plan[2]['source']})"
+    with pytest.raises(SystemExit):
+        gpu_check.main([MODEL, "--plan", "--precisions", "int4"])
+
+    if not trt_available():
+        pytest.skip("no TensorRT here")
+    gated: list[tuple[str, str]] = []
+    entry = {"engines_planned": gpu_check.engine_plan(spec, ("int8",)), "engines": {}, "skipped": []}
+    runners: dict = {}
+    gpu_check._tensorrt(spec, fp32, tmp_path, runners, lambda label, runner, precision: gated.append(
+        (label, precision)), entry, argparse.Namespace(precisions=("int8",), engines=None))
+    built = entry["engines"]["int8"][MODEL]
+    assert built["plan_bytes"] > 0 and built["onnx"].endswith(".int8.tensorrt.onnx")
+    if gated:  # a GPU ran it
+        assert gated == [(next(iter(runners)), "int8")]
+    else:
+        assert len(entry["skipped"]) == 1 and "needs a CUDA GPU" in entry["skipped"][0]
+
+    save_choice(MODEL, Int8Choice(ship=False, not_shipped="missed its test-split gate: x"))
+    entry = {"engines_planned": gpu_check.engine_plan(spec, ("int8",)), "engines": {}, "skipped": []}
+    gpu_check._tensorrt(spec, fp32, tmp_path, {}, None, entry, argparse.Namespace(precisions=("int8",), engines=None))
+    assert entry["engines"] == {} and len(entry["skipped"]) == 1
+    assert entry["skipped"][0].startswith("TensorRT int8")
+    assert entry["skipped"][0].endswith(": int8 not shipped (missed its test-split gate: x)")
 
 
 @pytest.mark.parametrize("name", ["cnn", "attention_to_scale"])

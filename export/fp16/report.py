@@ -10,21 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from export.markdown import dash, md_table, per_output
 from training import paths
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _agreement(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-def _per_output(values: dict[str, float], fmt: str) -> str:
-    return ", ".join(f"{k} {format(v, fmt)}" for k, v in values.items()) or "-"
 
 
 def render_markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -41,8 +28,8 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         g = r["gate"]
         rows.append([
-            name, ", ".join(r["keep_fp32_ops"]) or "(none)", g["n"], _agreement(g["agreement"]),
-            _per_output(g["agreements"], ".4f"), "pass" if g["passed"] else "FAIL", _per_output(g["max_abs"], ".2e"),
+            name, ", ".join(r["keep_fp32_ops"]) or "(none)", g["n"], dash(g["agreement"], ".4f"),
+            per_output(g["agreements"], ".4f"), "pass" if g["passed"] else "FAIL", per_output(g["max_abs"], ".2e"),
         ])
     parts += [md_table(["model", "kept in fp32", "images", "agreement", "per output", "gate", "max abs err"], rows), ""]
     for name, r in results.items():
@@ -50,8 +37,8 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
             parts += [f"## {name}: keep-list sweep", ""]
             parts += [md_table(
                 ["kept in fp32", "agreement", "per output", "max abs err", "non-finite", "spec"],
-                [[", ".join(s["keep_fp32_ops"]) or "(none)", _agreement(s["agreement"]),
-                  _per_output(s["agreements"], ".4f"), _per_output(s["max_abs"], ".2e"), s["nonfinite"],
+                [[", ".join(s["keep_fp32_ops"]) or "(none)", dash(s["agreement"], ".4f"),
+                  per_output(s["agreements"], ".4f"), per_output(s["max_abs"], ".2e"), s["nonfinite"],
                   "yes" if s["is_spec"] else ""] for s in r["sweep"]],
             ), ""]
         for graph, p in (r.get("probe") or {}).items():

@@ -8,7 +8,7 @@ The int8 graph of a Triton model lives at ``training.layout.int8_onnx_path``; it
 """
 
 from export.int8.choices import Int8Choice, choice_for, load_choices, save_choice
-from export.int8.gate import Int8GateError, build_int8_graphs, int8_gate, measure, remove_int8_graphs
+from export.int8.gate import Int8GateError, build_int8_graphs, gate_miss, int8_gate, measure, remove_int8_graphs
 from export.int8.quantize import FLAVOURS, Int8GraphError, preprocess, quantize, quantized_nodes
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Int8GraphError",
     "build_int8_graphs",
     "choice_for",
+    "gate_miss",
     "int8_gate",
     "load_choices",
     "measure",

@@ -11,7 +11,6 @@ and a non-zero exit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
@@ -19,27 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from training import paths
-from training.cli import model_names
 
 REPORT_JSON = "int8.json"
 
 
 def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = True, bench: bool = False,
                    tensorrt: bool = False) -> dict[str, Any]:
-    from export.fp16.__main__ import MissingGraphError
+    from export.cli_loop import exported_graphs
     from export.int8.bench import bench_model
     from export.int8.choices import Int8Choice, choice_for, save_choice
     from export.int8.engines import build_int8_engines
-    from export.int8.gate import fp32_graph_paths, int8_gate, remove_int8_graphs
+    from export.int8.gate import int8_gate, remove_int8_graphs
     from export.int8.probe import probe_model
     from training import load_trained
     from training.registry import get_spec
 
     spec = get_spec(name)
-    fp32 = fp32_graph_paths(spec)
-    missing = [str(p) for p in fp32.values() if not p.is_file()]
-    if missing:
-        raise MissingGraphError(f"no exported graph at {', '.join(missing)} (run `make export`)")
+    fp32 = exported_graphs(spec)
     result: dict[str, Any] = {}
     if probe:
         result["probe"] = probe_model(spec, fp32, nodes=nodes)
@@ -72,45 +67,31 @@ def merge_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     return old
 
 
+def _show(name: str, r: dict[str, Any]) -> None:
+    if "bench" in r:
+        b = r["bench"]["batches"]
+        print(f"  int8 vs fp32 onnxruntime: batch 1 {b['1']['speedup']:.2f}x, batch 32 {b['32']['speedup']:.2f}x")
+    if not r["gate"]["passed"]:
+        print(f"error: model {name!r}: {'; '.join(r['gate']['failures'][:2])} (recorded: not shipped)",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.int8", description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
-    p.add_argument("-n", "--images", type=int, default=1000, help="test images per model for the gate (default 1000)")
+    from export.cli_loop import model_parser, parse, run_models
+
+    p = model_parser("python -m export.int8", __doc__, "test images per model for the gate (default 1000)")
     p.add_argument("--probe", action="store_true", help="measure and record the calibration method and keep-list")
     p.add_argument("--no-nodes", action="store_true", help="with --probe: compare calibrations only")
     p.add_argument("--bench", action="store_true", help="time int8 vs fp32 onnxruntime at batch 1 and 32")
     p.add_argument("--tensorrt", action="store_true", help="parse and build the TensorRT-RTX int8 engines")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    names = model_names(args.models)
+    args, names = parse(p, argv)
     if names is None:
         return 2
     from export.int8.report import write_report
 
-    results, failed = {}, []
-    for name in names:
-        try:
-            r = evaluate_model(name, args.images, args.probe, not args.no_nodes, args.bench, args.tensorrt)
-        except Exception as exc:
-            if args.debug:
-                raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"error: model {name!r}: {message}", file=sys.stderr)
-            failed.append(name)
-            continue
-        results[name] = r
-        print(f"{name}: {r['gate']['status']}")
-        if "bench" in r:
-            b = r["bench"]["batches"]
-            print(f"  int8 vs fp32 onnxruntime: batch 1 {b['1']['speedup']:.2f}x, batch 32 {b['32']['speedup']:.2f}x")
-        if not r["gate"]["passed"]:
-            print(f"error: model {name!r}: {'; '.join(r['gate']['failures'][:2])} (recorded: not shipped)",
-                  file=sys.stderr)
-            failed.append(name)
-    if results:
-        md = write_report(merge_results(results))
-        print(f"wrote {md}")
-    return 1 if failed else 0
+    return run_models(
+        names, lambda name: evaluate_model(name, args.images, args.probe, not args.no_nodes, args.bench, args.tensorrt),
+        lambda results: write_report(merge_results(results)), debug=args.debug, show=_show)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from training.registry import ModelSpec
 
 BATCH = 64
 
-__all__ = ["Int8GateError", "build_int8_graphs", "fp32_graph_paths", "int8_gate", "measure", "remove_int8_graphs"]
+__all__ = ["Int8GateError", "build_int8_graphs", "fp32_graph_paths", "gate_miss", "int8_gate", "measure",
+           "remove_int8_graphs"]
 
 
 class Int8GateError(RuntimeError):
@@ -152,11 +153,16 @@ def measure(spec: ModelSpec, reference: dict[str, np.ndarray], graphs: dict[str,
     }
 
 
+def gate_miss(spec: ModelSpec, result: dict[str, Any]) -> str:
+    """One line naming the model and the criteria its int8 graph missed (``measure``'s dict)."""
+    return (f"model {spec.name!r}: INT8 graph misses its gate on {result['n']} test images: "
+            + "; ".join(f.split(": ", 1)[-1] for f in result["failures"][:3])
+            + " (keep more nodes float: `python -m export.int8 " + spec.name + " --probe`)")
+
+
 def require_gate(spec: ModelSpec, result: dict[str, Any]) -> None:
     if not result["passed"]:
-        raise Int8GateError(f"model {spec.name!r}: INT8 graph misses its gate on {result['n']} test images: "
-                            + "; ".join(f.split(": ", 1)[-1] for f in result["failures"][:3])
-                            + " (keep more nodes float: `python -m export.int8 " + spec.name + " --probe`)")
+        raise Int8GateError(gate_miss(spec, result))
 
 
 def test_split(spec: ModelSpec, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -5,13 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from export.fp16.report import md_table
 from export.int8.bench import TARGET
+from export.markdown import dash, md_table, per_output
 from training import paths
-
-
-def _f(v: Any, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
 
 
 def _kept(choice: dict[str, Any]) -> str:
@@ -62,11 +58,11 @@ def render_markdown(results: dict[str, dict[str, Any]]) -> str:
         b1, b32 = b.get("1"), b.get("32")
         rows.append([
             name, r["choice"]["calibration"], _kept(r["choice"]), f"{g['fp32_metric']:.4f}", f"{g['int8_metric']:.4f}",
-            f"{100 * g['metric_drop']:+.2f}", ", ".join(f"{k} {v:.4f}" for k, v in g["agreements"].items()) or "-",
+            f"{100 * g['metric_drop']:+.2f}", per_output(g["agreements"], ".4f"),
             "pass" if g["passed"] else "FAIL (not shipped)",
-            _lat(b1, "fp32") if b1 else "-", _lat(b1, "int8") if b1 else "-", _f(b1 and b1["speedup"], ".2f"),
-            _lat(b32, "fp32") if b32 else "-", _lat(b32, "int8") if b32 else "-", _f(b32 and b32["speedup"], ".2f"),
-            _f(b32 and b32["speedup_nothing_kept"], ".2f"),
+            _lat(b1, "fp32") if b1 else "-", _lat(b1, "int8") if b1 else "-", dash(b1 and b1["speedup"], ".2f"),
+            _lat(b32, "fp32") if b32 else "-", _lat(b32, "int8") if b32 else "-", dash(b32 and b32["speedup"], ".2f"),
+            dash(b32 and b32["speedup_nothing_kept"], ".2f"),
         ])
     parts += [md_table(["model", "calibration", "kept float", "fp32 metric", "int8 metric", "drop (points)",
                         "agreement", "gate", "b1 fp32 ms", "b1 int8 ms", "b1 x", "b32 fp32 ms", "b32 int8 ms",
@@ -100,7 +96,7 @@ def _model_section(name: str, r: dict[str, Any]) -> list[str]:
                 + (f" (keep-list grown until every agreement clears its bar by {margin})" if margin else "") + ":", ""]
         out += [md_table(["method", "agreement", "metric drop (points)", "relative error", "passes",
                           "with margin", "chosen"],
-                         [[c["method"], _f(c["agreement"], ".4f"), f"{100 * c['metric_drop']:+.2f}",
+                         [[c["method"], dash(c["agreement"], ".4f"), f"{100 * c['metric_drop']:+.2f}",
                            ", ".join(f"{k} {v:.4f}" for k, v in c["relative_error"].items()),
                            "yes" if c["passed"] else "no", {True: "yes", False: "no"}.get(c.get("clears_margin"), "-"),
                            "**yes**" if c["chosen"] else ""]
@@ -113,13 +109,13 @@ def _model_section(name: str, r: dict[str, Any]) -> list[str]:
             out += [f"Nodes of `{graph}` left float one at a time ({e['quantized_nodes']} quantized compute nodes; "
                     "top 8 by gain; latency ratio float/int8 at batch 32):", ""]
             out += [md_table(["node", "op", "relative error", "gain", "agreement", "latency ratio"],
-                             [[x["node"], x["op"], f"{x['error']:.4f}", f"{x['gain']:+.4f}", _f(x["agreement"], ".4f"),
-                               f"{x['latency_ratio']:.2f}"] for x in rows]), ""]
+                             [[x["node"], x["op"], f"{x['error']:.4f}", f"{x['gain']:+.4f}",
+                               dash(x["agreement"], ".4f"), f"{x['latency_ratio']:.2f}"] for x in rows]), ""]
         ops = probe.get("op_types")
         if ops and ops["rows"]:
             out += ["Every node of one op type left float at once (latency ratio float/int8 at batch 32):", ""]
             out += [md_table(["op type", "relative error", "gain", "agreement", "latency ratio"],
-                             [[x["op"], f"{x['error']:.4f}", f"{x['gain']:+.4f}", _f(x["agreement"], ".4f"),
+                             [[x["op"], f"{x['error']:.4f}", f"{x['gain']:+.4f}", dash(x["agreement"], ".4f"),
                                f"{x['latency_ratio']:.2f}"] for x in ops["rows"]]), ""]
         out += [f"Choice: {probe['choice']['why']}", ""]
     if b32 and b32["speedup"] < TARGET:
