@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report int8 int8-report variants serve frontdoor bench bench-export test test-fast lint gpu-check clean samples reliability study
+.PHONY: install train export repository engines fp16-report int8 int8-report variants serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,10 @@ frontdoor: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m serving.bench
+
+# Raw image files: the preprocessing step and <name>_image end to end (reports/images.md).
+bench-images: $(STAMP)
+	$(PY) -m serving.image_bench $(if $(filter-out all,$(MODELS)),$(MODELS),cnn)
 
 bench-export: $(STAMP)
 	$(PY) -m export.speed $(MODELS)

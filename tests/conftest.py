@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The zoo's tests see the zoo only: models a user derived for their own images (user_models/) stay out of
+# every "all models" loop; the user-image tests write theirs to their own folders.
+os.environ["ATTNZOO_USER_MODELS"] = tempfile.mkdtemp(prefix="attnzoo-user-models-")
 
 
 def require_checkpoint(name: str) -> None:

@@ -195,7 +195,11 @@ def scan_cub(root: Path) -> tuple[tuple[str, ...], list[Item], list[Item]]:
                             "in classes.txt") from None
         box = None
         if key in boxes:
-            x, y, w, h = (float(v) for v in boxes[key][0].split())
+            try:
+                x, y, w, h = (float(v) for v in boxes[key])
+            except ValueError:
+                raise DataError(f"{root / 'bounding_boxes.txt'}: image id {key}: box {boxes[key]} is not 4 "
+                                "numbers") from None
             box = (x, y, x + w, y + h)
         (train if split[key][0].strip() == "1" else test).append(Item(path, label, box))
     if boxes and len(boxes) != len(images):

@@ -106,9 +106,13 @@ def quantize(pre_path: str | Path, out_path: str | Path, method: str, *, cache: 
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # it warns about pre-processing it cannot see was done
     try:
+        # cpu: 7-bit weights (reduce_range). onnxruntime's u8 x s8 kernels on CPUs without VNNI (AVX2 only) add
+        # pairs of products in 16 bits and saturate: full-range weights gave cnn 0.891 top-1 agreement on an
+        # AVX2 EPYC (0.993 on VNNI), 7-bit 0.994 on both, so one graph is right on every x86 host.
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
             quantize_static(str(pre_path), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            op_types_to_quantize=op_types, reduce_range=False, activation_type=activation,
+                            op_types_to_quantize=op_types, activation_type=activation,
+                            reduce_range=flavour == "cpu",
                             weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude, calibrate_method=_method(method),
                             extra_options=extra, calibration_cache_path=str(cache))

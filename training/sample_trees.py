@@ -1,4 +1,5 @@
-"""Small image trees written by the tests themselves: ImageFolder and CUB-200-2011 layouts of shape photos.
+"""Small image trees of shape photos (ImageFolder and CUB-200-2011 layouts): what the user-image tests and the
+image benchmark write, and a tree to try `python -m training FAMILY --data` on (`python -m training.sample_trees DIR`).
 
 Each image is one filled shape (the class: circle, square, triangle, cross) of a random colour, size and place
 on a textured background, 60-500 px on a side, saved as JPEG or PNG; some files are grayscale, palette or
@@ -101,3 +102,21 @@ def write_cub_tree(root: Path, per_class: int = 30, seed: int = 0, corrupt: bool
     (root / "classes.txt").write_text("".join(f"{c} {c:03d}.{cls.capitalize()}\n" for c, cls in
                                               enumerate(classes, 1)))
     return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.sample_trees", description=__doc__.split("\n\n")[0])
+    p.add_argument("root", type=Path)
+    p.add_argument("--layout", choices=("folder", "cub"), default="folder")
+    p.add_argument("--per-class", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    write = write_cub_tree if a.layout == "cub" else write_folder_tree
+    print(write(a.root, per_class=a.per_class, seed=a.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
