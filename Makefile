@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report int8 int8-report variants serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
+.PHONY: install train export repository engines fp16-report int8 int8-report variants variants-served serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,6 +46,10 @@ int8-report: $(STAMP)
 # The fastest variant (fp32, fp16, int8) per model that passed its gate: reports/variants.{md,json,png}.
 variants: $(STAMP)
 	$(PY) -m export.variants $(MODELS)
+
+# The served variants (<name>, <name>_int8) over gRPC at concurrency 1 and 16 (reports/variants_served.md).
+variants-served: $(STAMP)
+	$(PY) -m serving.variant_bench $(MODELS)
 
 serve: $(STAMP)
 	$(PY) -m serving.server

@@ -57,3 +57,16 @@ def test_perf_analyzer_run_keeps_the_load_generator_off_the_server_cores(tmp_pat
     assert any(r.tool == "perf_analyzer" for r in res["rows"] if r.runtime == "triton")
     assert os.sched_getaffinity(0) == before
     assert "CPU pinning: server and in-process references on CPU" in (tmp_path / "bench.md").read_text()
+
+
+def test_served_variants_never_picks_a_variant_that_missed_its_gate():
+    from serving import variant_bench as vb
+
+    gates = {"fp32": {"passed": True}, "int8": {"passed": False}, "fp16": {"passed": True}}
+    # fp16 is not served on CPU, and a variant Triton does not serve is not timed.
+    assert vb.served_variants("m", gates, {"m", "m_int8", "m_fp16"}) == {"fp32": "m", "int8": "m_int8"}
+    assert vb.served_variants("m", gates, {"m"}) == {"fp32": "m"}
+    timings = {"fp32": {"rps": 100.0}, "int8": {"rps": 300.0}}
+    assert vb.best(gates, timings) == "fp32"  # int8 is faster, but missed its gate
+    assert vb.best({**gates, "int8": {"passed": True}}, timings) == "int8"
+    assert vb.best({"fp32": {"passed": False}}, {"fp32": {"rps": 1.0}}) is None
