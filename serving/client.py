@@ -454,7 +454,13 @@ def _classify_files(args: argparse.Namespace, files: list[Path]) -> int:
     for f in files:
         if not f.is_file():
             raise ClientError(f"{f}: no such file")
-    client = Client(name, args.protocol, args.url)
+    try:
+        client = Client(name, args.protocol, args.url)
+    except ClientError as e:
+        if name == args.model or "not reachable" in str(e):
+            raise
+        raise ClientError(f"{e} (image files go as bytes to {name!r}; --tensor sends them decoded to "
+                          f"{args.model!r})") from e
     kinds = client.info.output_kinds
     for f, r in zip(files, classify_files(client, files, args.top_k), strict=True):
         if args.json:

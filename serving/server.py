@@ -468,12 +468,19 @@ class TritonServer:
         self.load(model)
 
     def heal(self) -> dict[str, str]:
-        """Reload every loaded model whose probe inference fails; returns {model: the probe's error}."""
+        """Reload every loaded model whose probe inference fails; returns {model: the probe's error}.
+
+        Ensembles run no code of their own: one fails only because a step does, and serves again once that
+        step is reloaded. So steps go first, and an ensemble is reloaded only if its probe still fails."""
         states = self.model_states()
         broken = {m: e for m, e in self.health().items() if e and states.get(m, {}).get("state") == "READY"}
-        for m in broken:
+        ensembles = {m for m in broken if self.model_config(m).get("platform") == "ensemble"}
+        for m in broken.keys() - ensembles:
             self.reload(m)
-        return broken
+        still = {m for m, e in self.health(sorted(ensembles)).items() if e}
+        for m in still:
+            self.reload(m)
+        return {m: e for m, e in broken.items() if m not in ensembles or m in still}
 
     def probe(self, model: str) -> str | None:
         """A real inference (not just the READY flag); returns None if it worked, else the error."""

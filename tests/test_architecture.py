@@ -270,4 +270,4 @@ def test_the_readme_model_is_one_file_that_exports_and_passes_parity(tmp_path, m
     layout.onnx_path(spec.name, repo).parent.mkdir(parents=True)
     layout.onnx_path(spec.name, repo).write_bytes(path.read_bytes())
     written = {p.name for p in rep.write_model(spec, "cpu", repo)}
-    assert written == {"config.pbtxt", "model.py"}
+    assert written == {"config.pbtxt", "model.py", "labels.txt"}  # labels: Triton's classification extension

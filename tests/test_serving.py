@@ -203,6 +203,11 @@ def untrained(tmp_path_factory):
     return repo, model
 
 
+# Every model of the untrained repository, ready (cnn_image / cnn_preprocess: raw image files in, written for
+# every image model).
+HEALTHY = {m: None for m in ("cnn", "cnn_image", "cnn_preprocess", "passthrough")}
+
+
 @pytest.fixture(scope="module")
 def server(untrained):
     import gc
@@ -219,7 +224,7 @@ def server(untrained):
 @pytest.mark.server
 def test_server_ready_every_model_answers_a_probe(server):
     assert server.load_errors == {}
-    assert server.health() == {"cnn": None, "passthrough": None}
+    assert server.health() == HEALTHY
     import urllib.request
 
     from serving.server import http_json
@@ -312,7 +317,7 @@ def test_bad_request_gets_its_own_error_and_server_stays_ready(server, protocol,
     assert expected in str(err.value)
     assert "\n" not in str(err.value).strip() or case == "wrong_shape"  # Triton's shape note spans a sentence
     assert str(err.value.status) in ("400", "StatusCode.INVALID_ARGUMENT")
-    assert server.health() == {"cnn": None, "passthrough": None}
+    assert server.health() == HEALTHY
 
 
 @pytest.mark.server
@@ -356,7 +361,7 @@ def test_client_side_errors_are_one_line(server, protocol):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(admin.KEY_ENV, server.admin_key)
-        with pytest.raises(ClientError, match="unknown model 'nope'; served models: cnn, passthrough"):
+        with pytest.raises(ClientError, match="unknown model 'nope'; served models: cnn, cnn_image, cnn_preprocess, passthrough"):
             _client(server, "nope", protocol)
     port = free_ports(1)[0]
     with pytest.raises(ClientError, match=f"not reachable at 127.0.0.1:{port}"):
@@ -378,7 +383,7 @@ def test_load_test_5000_requests_no_errors_every_response_matched(server, protoc
     for i, g in enumerate(got):
         np.testing.assert_array_equal(g["output"], batches[i], err_msg=f"response {i} is not request {i}'s")
     print(f"{protocol}: 5000 requests, concurrency 16: {elapsed:.1f} s ({n / elapsed:.0f} req/s)")
-    assert server.health() == {"cnn": None, "passthrough": None}
+    assert server.health() == HEALTHY
 
 
 def _stub_pids(server: TritonServer, model: str) -> list[int]:
@@ -400,7 +405,7 @@ def test_dead_stub_is_caught_by_the_probe_and_a_reload_heals_it(untrained, tmp_p
         assert health["passthrough"] is None
         assert "not healthy" in health["cnn"], health
         assert set(srv.heal()) == {"cnn"}  # unload + load of just that model
-        assert srv.health() == {"cnn": None, "passthrough": None}
+        assert srv.health() == HEALTHY
     finally:
         t0 = time.monotonic()
         srv.stop()
@@ -417,7 +422,7 @@ def test_server_and_its_stubs_run_on_the_cpus_asked_for(untrained):
         assert len(pids) == 1, pids
         for pid in (srv.proc.pid, *pids):
             assert os.sched_getaffinity(pid) == set(cpus)
-        assert srv.health() == {"cnn": None, "passthrough": None}
+        assert srv.health() == HEALTHY
     finally:
         srv.stop()
 
@@ -559,8 +564,9 @@ def test_client_cli_png_npy_and_samples(server, tmp_path, protocol):
     npy = tmp_path / "digits.npy"
     np.save(npy, images)
     url = server.grpc_url if protocol == "grpc" else server.http_url
+    # --tensor: the PNG goes decoded to the model itself (without it, image files go as bytes to cnn_image).
     r = _run("-m", "serving.client", "--model", "cnn", "--protocol", protocol, "--url", url, str(png), str(npy),
-             "--sample", "2", "--json")
+             "--sample", "2", "--json", "--tensor")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["input"] for row in rows] == [
@@ -573,8 +579,11 @@ def test_client_cli_png_npy_and_samples(server, tmp_path, protocol):
     from serving import admin
 
     with_key = {admin.KEY_ENV: server.admin_key}  # the repository index is an admin API
-    cases = [(["--model", "nope", str(png)], "error: unknown model 'nope'; served models: cnn, passthrough", with_key),
-             (["--model", "nope", str(png)], "error: model 'nope' is not served (or not ready)",
+    served = "served models: cnn, cnn_image, cnn_preprocess, passthrough"
+    cases = [(["--model", "nope", str(npy)], f"error: unknown model 'nope'; {served}", with_key),
+             (["--model", "nope", str(png)], f"error: unknown model 'nope_image'; {served} (image files go as "
+              "bytes to 'nope_image'; --tensor sends them decoded to 'nope')", with_key),
+             (["--model", "nope", str(npy)], "error: model 'nope' is not served (or not ready)",
               {admin.KEY_ENV: "not-the-key"})]
     if protocol == "grpc":  # file errors do not depend on the protocol
         cases += [(["--model", "cnn", str(bad)], "expected [H, W], [1, H, W], [N, H, W] or [N, 1, H, W]", {}),
@@ -734,7 +743,7 @@ def test_client_saves_the_served_mask_and_maps(trained_server, name, protocol, t
     ref = _torch_outputs(model, sent, spec)
     url = trained_server.grpc_url if protocol == "grpc" else trained_server.http_url
     r = _run("-m", "serving.client", "--model", name, "--protocol", protocol, "--url", url, *map(str, pngs),
-             "--save-mask", str(tmp_path / "mask.png"), "--save-maps", str(tmp_path / "maps.png"), "--json")
+             "--save-mask", str(tmp_path / "mask.png"), "--save-maps", str(tmp_path / "maps.png"), "--json", "--tensor")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     seg = [o.name for o in spec.outputs if o.kind == "segmentation"]
