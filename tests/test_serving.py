@@ -361,7 +361,7 @@ def test_client_side_errors_are_one_line(server, protocol):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(admin.KEY_ENV, server.admin_key)
-        with pytest.raises(ClientError, match="unknown model 'nope'; served models: cnn, cnn_image, cnn_preprocess, passthrough"):
+        with pytest.raises(ClientError, match=f"unknown model 'nope'; served models: {', '.join(sorted(HEALTHY))}"):
             _client(server, "nope", protocol)
     port = free_ports(1)[0]
     with pytest.raises(ClientError, match=f"not reachable at 127.0.0.1:{port}"):
