@@ -11,6 +11,7 @@ from tests.conftest import require_checkpoint
 from training import get_spec, load_trained
 from training.data import make_split
 from training.models.feedback import (
+    UPDATES,
     FeedbackCNN,
     feedback_reference,
     pointing_hits,
@@ -28,9 +29,9 @@ def test_max_pool_routing_breaks_ties_like_pytorch(shape):
     torch.testing.assert_close(route_max_pool_grad(g, x.detach()), x.grad, rtol=0, atol=0)
 
 
-def _random_net(iters: int = 4) -> FeedbackCNN:
+def _random_net(iters: int = 4, update: str = "binary") -> FeedbackCNN:
     torch.manual_seed(0)
-    net = FeedbackCNN(iters=iters)
+    net = FeedbackCNN(iters=iters, update=update)
     with torch.no_grad():
         for bn in net.bns:
             bn.running_mean.uniform_(-0.1, 0.1)
@@ -39,17 +40,28 @@ def _random_net(iters: int = 4) -> FeedbackCNN:
     return net.double().eval()
 
 
-def test_unrolled_inference_equals_autograd_in_float64():
-    net = _random_net()
+@pytest.mark.parametrize("update", UPDATES)
+def test_unrolled_inference_equals_autograd_in_float64(update):
+    net = _random_net(update=update)
     x = torch.rand(3, 1, 48, 56, dtype=torch.float64)
     target = torch.tensor([[-1], [3], [7]])
     with torch.no_grad():
         got = net.feedback(x, target)
-    ref = feedback_reference(net, x, target, iters=net.iters)
+    ref = feedback_reference(net, x, target, iters=net.iters, update=update)
     for key in ("logits_first", "logits", "saliency", "gradient_saliency"):
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-12)
     for z, z_ref in zip(got["gates"], ref["gates"], strict=True):
         torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+    if update == "binary":  # gates are 0/1, some neurons switched off, and once off they stay off
+        assert all(set(z.unique().tolist()) <= {0.0, 1.0} for z in got["gates"])
+        assert any((z == 0).any() and (z == 1).any() for z in got["gates"])
+        one_more = feedback_reference(net, x, target, iters=net.iters + 1, update=update)["gates"]
+        assert all((z1 <= z).all() for z1, z in zip(one_more, got["gates"], strict=True))
+
+
+def test_unknown_update_is_named():
+    with pytest.raises(ValueError, match="feedback update 'adam'"):
+        FeedbackCNN(update="adam")
 
 
 def test_target_input_and_its_default():
@@ -102,7 +114,7 @@ def test_trained_unrolled_matches_autograd_at_every_parity_batch(side):
         target = torch.from_numpy(np.where(np.arange(batch) % 3 == 0, -1, data["label"][:batch]))[:, None]
         with torch.no_grad():
             got = net.feedback(x, target)
-        ref = feedback_reference(net, x, target, iters=net.iters)
+        ref = feedback_reference(net, x, target, iters=net.iters, update=net.update)
         for key in ("logits_first", "logits"):
             assert (got[key] - ref[key]).abs().max() <= 1e-4, (key, batch, side)
         for key in ("saliency", "gradient_saliency"):
@@ -117,3 +129,6 @@ def test_shipped_model_measures_the_papers_claims():
     m = load_metrics("feedback")
     assert m["accuracy"] >= 0.95
     assert {"second_look_accuracy", "pointing_feedback", "pointing_gradient"} <= set(m)
+    # Cao et al.: the feedback saliency localises better than the plain gradient saliency of the same network.
+    assert m["pointing_feedback"] >= m["pointing_gradient"], m
+    assert m["second_look_accuracy"] >= 0.95, m

@@ -129,6 +129,30 @@ def attention_to_scale_study() -> Study:
     )
 
 
+@register_study("feedback")
+def feedback_study() -> Study:
+    from training.models.feedback import variant_spec
+
+    return Study(
+        name="feedback",
+        title="Feedback CNN on cluttered digits: does the feedback saliency point into the digit's box?",
+        arms=(Arm("binary", get_spec("feedback"), "gates z <- z * [dS_k/dz > 0], 5 loops (the authors' code; served)"),
+              Arm("sgd", variant_spec("sgd", 10, name="feedback_sgd"),
+                  "SGD with momentum on -S_k + 0.01 |z|, 10 steps (the public re-implementation)"),
+              Arm("gradient", variant_spec(iters=0, name="feedback_gradient"),
+                  "no feedback: the plain gradient saliency |dS_k/dx| of the same network")),
+        claims=(Claim("Cao et al.: the feedback saliency localises better than the gradient saliency",
+                      ("binary",), ("gradient",)),
+                Claim("the SGD re-implementation's saliency localises better than the gradient saliency",
+                      ("sgd",), ("gradient",))),
+        metric="pointing_feedback",
+        also=("pointing_gradient", "accuracy", "second_look_accuracy"),
+        description="Pointing game: the share of test images whose saliency map has its maximum inside the "
+                    "digit's box. The arms share the network and its training (an ordinary classifier, as in the "
+                    "paper); only the inference differs, so each seed's three arms are the same weights.",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.studies", description=__doc__)
     p.add_argument("study", nargs="?", help="study name (omit to list them)")
