@@ -295,13 +295,15 @@ def variant_spec(update: str = UPDATE, iters: int = ITERS, name: str | None = No
         task=Classification(output="logits_first", min_accuracy=0.95),
         train=TrainRecipe(steps=1500, batch_size=64, lr=3e-3, metrics=feedback_metrics),
         checks=Checks(bars=feedback_bars if update == UPDATE and iters else None, output_max_abs={
-            # The inference is discontinuous (max-pool routing, ReLU masks, the gates' clamp and |z|'s sign): a
-            # float32 rounding difference between runtimes flips a decision near a tie in a few samples of 64 and
-            # moves that sample's map locally. Measured (torch vs onnxruntime, batch 64 at 64/80/96 px): second-look
-            # logits up to 7.8e-3, saliency up to 0.16, gradient saliency up to 0.038 (maps scaled to max 1); every
-            # top-1 and every map's peak agreed (the agreement rules still require 100%). The same code in float64
-            # matches autograd to 1e-12 (tests/test_feedback.py). The first look's logits keep 1e-4.
-            "logits": 0.05, "saliency": 0.5, "gradient_saliency": 0.2},
+            # The inference is discontinuous (max-pool routing, ReLU masks, the binary gates): a float32 rounding
+            # difference between runtimes flips a max-pool routing decision near a tie in a few samples and moves
+            # that sample's maps locally, and through the gates the second look's logits. Measured (torch vs
+            # onnxruntime, the gate's batches at 64/80 px): second-look logits up to 0.21, saliency 0.11, gradient
+            # saliency 0.13 (maps scaled to max 1); over 16 more batches of 64 test images, 12 of 1024 samples moved
+            # by more than 1e-3, every one also in its gradient saliency (the routing flip). Every top-1 and every
+            # map's peak agreed (the agreement rules still require 100%). The same code in float64 matches
+            # autograd to 1e-12 (tests/test_feedback.py). The first look's logits keep 1e-4.
+            "logits": 0.5, "saliency": 0.5, "gradient_saliency": 0.2},
             # FP16 moves the decisions far more often: on 1000 test images the FP16 graph's saliency peak agreed
             # with fp32 for 70.6% of the feedback maps and 95.8% of the gradient maps (both looks' top-1 >= 99.5%
             # as every model). The FP16 variant is fit for classification, not for these maps; the bars below
