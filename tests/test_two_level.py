@@ -28,7 +28,7 @@ from training.models.two_level import (
     best_patch_per_part,
     cluster_filters,
     filter_affinity,
-    masked_mean,
+    object_scores,
     select_patches,
     window_boxes,
 )
@@ -74,10 +74,16 @@ def test_no_patch_passing_falls_back_to_the_top_scoring_patch():
     assert select_patches(rel, 0.9).tolist() == [[0, 1, 0], [1, 0, 0], [1, 1, 0]]
 
 
-def test_object_level_averages_only_the_selected_patches():
-    probs = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
+def test_object_level_averages_the_softmax_of_only_the_selected_patches():
+    logits = torch.log(torch.tensor([[[0.9, 0.1], [0.0, 1.0], [0.5, 0.5]]]))
     mask = torch.tensor([[1.0, 0.0, 1.0]])
-    torch.testing.assert_close(masked_mean(probs, mask), torch.tensor([[0.75, 0.25]]))
+    torch.testing.assert_close(object_scores(logits, mask).exp(), torch.tensor([[0.7, 0.3]]))
+
+
+def test_object_level_stays_finite_where_a_class_underflows_on_every_patch():
+    logits = torch.tensor([[[200.0, 0.0], [300.0, 0.0]]])  # softmax of class 1: exp(-200) = 0 in float32
+    got = object_scores(logits, torch.ones(1, 2))
+    assert torch.isfinite(got).all() and got[0, 0].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_best_patch_per_part_ignores_unselected_patches():

@@ -11,8 +11,9 @@ FilterNet and a DomainNet, part-level attention by clustering the DomainNet's mi
               the digit, low on clutter
   selection   patches with relevance >= THRESHOLD; none passing: the top-scoring patch (a mask, one
               expression: relevance >= min(THRESHOLD, max relevance))
-  DomainNet   a small CNN trained on the selected patches; object-level scores = log of its softmax averaged
-              over the selected patches (the paper averages the patches' class scores)
+  DomainNet   the same small CNN, started from the trained FilterNet and fine-tuned on the selected patches (the
+              paper's); object-level scores = log of its softmax averaged over the selected patches (the paper
+              averages the patches' class scores)
   parts       the DomainNet's mid-layer filters (the first conv of its head) grouped by spectral clustering of
               their weights' cosine similarity (the paper's part detectors, fixed after training as a buffer);
               a cluster's response on a patch = the spatial max of its filters' mean activation; for each
@@ -56,11 +57,10 @@ from training.tasks import Classification, accuracy
 # then windows that hold a whole digit (14-28 px) and windows of about one digit half (parts).
 SCALES = ((64, 1), (48, 3), (36, 4), (24, 5))
 CANVAS = 64
-PATCH = 24  # every window is resized to this (px); the 8x8 source digits need no more
-THRESHOLD = 0.9  # FilterNet relevance (max softmax) a patch needs to be selected
+PATCH = 32  # every window is resized to this (px)
+THRESHOLD = 0.7  # FilterNet relevance (max softmax) a patch needs to be selected
 NUM_PARTS = 4
-FILTER_WIDTHS = (8, 16, 32)
-DOMAIN_WIDTHS = (16, 32, 64)
+WIDTHS = (16, 32, 64)  # both nets: the DomainNet starts as a copy of the trained FilterNet (the paper's)
 PATCHES_PER_IMAGE = 4  # FilterNet stage: random grid patches per training image
 SUB_BATCH = 16  # DomainNet and part stages: images of a batch run through the frozen nets (all patches each)
 MAX_SELECTED = 256  # DomainNet stage: at most this many selected patches per step
@@ -95,10 +95,12 @@ def select_patches(relevance: torch.Tensor, threshold: float = THRESHOLD) -> tor
     return (relevance >= bar).to(relevance.dtype)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of values [B, P, ...] over the patches where mask [B, P] is 1."""
-    m = mask.reshape(*mask.shape, *([1] * (values.dim() - 2)))
-    return (values * m).sum(1) / m.sum(1)
+def object_scores(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Object level: log of the softmax averaged over the selected patches, from logits [B, P, K] and mask
+    [B, P], as a log-mean-exp of log-softmaxes: finite even where a class's probability underflows on every
+    patch (a log of the plain mean gives -inf there, which the server refuses as the next graph's input)."""
+    logp = torch.where(mask[..., None] > 0, torch.log_softmax(logits, -1), torch.full_like(logits, -1e4))
+    return torch.logsumexp(logp, 1) - torch.log(mask.sum(1, keepdim=True))
 
 
 def best_patch_per_part(response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ class FilterStage(nn.Module):
         super().__init__()
         self.register_buffer("grid", sampling_grid(window_boxes()), persistent=False)
         self.num_patches = len(window_boxes())
-        self.net = SmallCNN(num_classes, widths=FILTER_WIDTHS, in_chans=in_chans)
+        self.net = SmallCNN(num_classes, widths=WIDTHS, in_chans=in_chans)
 
     def crop(self, image: torch.Tensor) -> torch.Tensor:
         grid = self.grid.to(image.dtype).expand(image.shape[0], -1, -1, -1)
@@ -160,8 +162,8 @@ class DomainStage(nn.Module):
 
     def __init__(self, in_chans: int, num_classes: int, num_parts: int) -> None:
         super().__init__()
-        self.net = SmallCNN(num_classes, widths=DOMAIN_WIDTHS, in_chans=in_chans)
-        c_mid = DOMAIN_WIDTHS[2]
+        self.net = SmallCNN(num_classes, widths=WIDTHS, in_chans=in_chans)
+        c_mid = WIDTHS[2]
         # Part detectors: which mid-layer filters form each part (set by the spectral clustering).
         self.register_buffer("parts", torch.full((num_parts, c_mid), 1.0 / c_mid))
 
@@ -177,7 +179,7 @@ class DomainStage(nn.Module):
     def forward(self, patches: torch.Tensor, relevance: torch.Tensor):
         logits, feats, response = self.run(patches)
         mask = select_patches(relevance)
-        object_logits = torch.log(masked_mean(torch.softmax(logits, -1), mask))
+        object_logits = object_scores(logits, mask)
         whole_logits = torch.log_softmax(logits[:, 0], -1)
         return object_logits, whole_logits, mask, feats, response
 
@@ -189,7 +191,7 @@ class PartStage(nn.Module):
     def __init__(self, num_classes: int, num_parts: int) -> None:
         super().__init__()
         self.register_buffer("boxes", torch.from_numpy(window_boxes()), persistent=False)
-        self.fc = nn.Linear(num_parts * DOMAIN_WIDTHS[2], num_classes)
+        self.fc = nn.Linear(num_parts * WIDTHS[2], num_classes)
 
     def forward(self, feats: torch.Tensor, response: torch.Tensor, mask: torch.Tensor, object_logits: torch.Tensor):
         best = best_patch_per_part(response, mask)  # [B, parts]
@@ -260,6 +262,12 @@ def _phase(name: str):
     return setup
 
 
+def domain_setup(model: TwoLevel, train: dict[str, np.ndarray]) -> None:
+    """The DomainNet starts from the trained FilterNet and is fine-tuned on the patches it selects."""
+    model.phase = "domain"
+    model.domain.net.load_state_dict(model.filter.net.state_dict())
+
+
 def parts_setup(model: TwoLevel, train: dict[str, np.ndarray]) -> None:
     """Group the trained DomainNet's mid-layer filters into part detectors (spectral clustering)."""
     model.phase = "parts"
@@ -268,10 +276,10 @@ def parts_setup(model: TwoLevel, train: dict[str, np.ndarray]) -> None:
     model.domain.parts.copy_(assignment(labels, model.num_parts))
 
 
-def _stages(filter_steps: int = 800, domain_steps: int = 600, part_steps: int = 200) -> tuple[Stage, ...]:
+def _stages(filter_steps: int = 800, domain_steps: int = 400, part_steps: int = 150) -> tuple[Stage, ...]:
     return (
         Stage("filter", filter_steps, params=lambda m: list(m.filter.parameters()), setup=_phase("filter")),
-        Stage("domain", domain_steps, params=lambda m: list(m.domain.parameters()), setup=_phase("domain")),
+        Stage("domain", domain_steps, params=lambda m: list(m.domain.parameters()), setup=domain_setup),
         Stage("parts", part_steps, params=lambda m: list(m.head.parameters()), lr=1e-2, setup=parts_setup),
     )
 
@@ -319,7 +327,7 @@ _object = TensorSpec("object_logits", (10,), "float32", "logits",
                      "object level: log of the DomainNet's softmax averaged over the selected patches")
 _whole = TensorSpec("whole_logits", (10,), "float32", "logits", "the DomainNet on the whole canvas (log-softmax)")
 _mask = TensorSpec("patch_mask", (P,), "float32", "tensor", "1 where a proposal window is selected")
-_feats = TensorSpec("patch_features", (P, DOMAIN_WIDTHS[2]), "float32", "tensor", "DomainNet features per patch")
+_feats = TensorSpec("patch_features", (P, WIDTHS[2]), "float32", "tensor", "DomainNet features per patch")
 _response = TensorSpec("part_response", (P, NUM_PARTS), "float32", "tensor", "each part detector's response")
 _part = TensorSpec("part_logits", (10,), "float32", "logits",
                    "part level: log-softmax of the classifier on the parts' best patches")
