@@ -98,17 +98,18 @@ def bench(server: Any, spec: Any, names: dict[str, str], duration: float, rounds
     steps = [spec.graph_model_name(g) for g in spec.deploy_graphs()]
     clients = {k: Client(m, "grpc", server.grpc_url) for k, m in names.items()}
     timings: dict[str, Any] = {}
-    stats: dict[str, dict] = {k: {} for k in names}
+    stats: dict[str, dict[str, dict]] = {}  # case -> composition -> Triton model -> summed statistics
     for b in BATCHES:
         feeds = example_inputs(spec, b)
         for c in CONCURRENCY:
             lat: dict[str, list] = {k: [] for k in names}
+            case_stats: dict[str, dict] = stats.setdefault(f"b{b}_c{c}", {k: {} for k in names})
             for _ in range(rounds):
                 for k, client in clients.items():
                     before = model_stats(server, [names[k], *steps])
                     lat[k].append(measure_callable(lambda cl=client: cl.infer(feeds, validate=False), c,
                                                    duration / rounds, warmup=2)[:4])
-                    _add(stats[k], _delta(model_stats(server, [names[k], *steps]), before))
+                    _add(case_stats[k], _delta(model_stats(server, [names[k], *steps]), before))
             timings[f"b{b}_c{c}"] = {k: {f: sum(r[i] for r in rs) / len(rs)
                                          for i, f in enumerate(("p50", "p95", "p99", "rps"))} for k, rs in lat.items()}
             for k, r in timings[f"b{b}_c{c}"].items():
@@ -116,9 +117,9 @@ def bench(server: Any, spec: Any, names: dict[str, str], duration: float, rounds
                       file=sys.stderr)
     for c in clients.values():
         c.close()
-    per_model = {k: {m: {"requests": v["requests"], "executions": v["executions"],
-                         **{f"{f}_ms": v[f] / max(v["requests"], 1) / 1e6 for f in STAT_FIELDS}}
-                     for m, v in st.items()} for k, st in stats.items()}
+    per_model = {case: {k: {m: {"requests": v["requests"], "executions": v["executions"],
+                                **{f"{f}_ms": v[f] / max(v["requests"], 1) / 1e6 for f in STAT_FIELDS}}
+                            for m, v in st.items()} for k, st in by_kind.items()} for case, by_kind in stats.items()}
     faster = {case: max(t, key=lambda k: t[k]["rps"]) for case, t in timings.items()}
     return {"served": names, "default": spec.composition.kind, "timings": timings, "steps": per_model,
             "faster": faster}
@@ -141,17 +142,19 @@ def render(name: str, r: dict[str, Any], duration: float, rounds: int) -> str:
             cell = f"{x['p50']:.2f} / {x['p95']:.2f} / {x['p99']:.2f} ({x['rps']:.1f}/s)"
             cells.append(f"**{cell}**" if r["faster"][case] == k else cell)
         lines.append(f"| {b} | {c} | " + " | ".join(cells) + " |")
-    lines += ["", "Per-step breakdown (Triton's statistics extension, summed over every case above): per request of "
+    lines += ["", "Per-step breakdown (Triton's statistics extension, over each case's requests): per request of "
               "each Triton model, the mean queue time and compute time (input + infer + output) in ms, and the mean "
               "requests per execution (the dynamic batcher's merging).", "",
-              "| composition | Triton model | requests | requests / execution | queue ms | compute ms | "
-              "of which infer ms |", "|---|---|---|---|---|---|---|"]
-    for k in KINDS:
-        for m, v in r["steps"][k].items():
-            compute = v["compute_input_ms"] + v["compute_infer_ms"] + v["compute_output_ms"]
-            per_exec = v["requests"] / v["executions"] if v["executions"] else float("nan")
-            lines.append(f"| {k} | {m} | {int(v['requests'])} | {per_exec:.2f} | {v['queue_ms']:.2f} | "
-                         f"{compute:.2f} | {v['compute_infer_ms']:.2f} |")
+              "| request batch | concurrency | composition | Triton model | requests | requests / execution | "
+              "queue ms | compute ms | of which infer ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for case, by_kind in r["steps"].items():
+        b, c = case[1:].split("_c")
+        for k in KINDS:
+            for m, v in by_kind[k].items():
+                compute = v["compute_input_ms"] + v["compute_infer_ms"] + v["compute_output_ms"]
+                per_exec = v["requests"] / v["executions"] if v["executions"] else float("nan")
+                lines.append(f"| {b} | {c} | {k} | {m} | {int(v['requests'])} | {per_exec:.2f} | "
+                             f"{v['queue_ms']:.2f} | {compute:.2f} | {v['compute_infer_ms']:.2f} |")
     lines += ["", "The composing model's own row is the whole pipeline as its requests saw it (an ensemble's compute "
               "is the sum of its steps'; BLS's includes its python stub's calls to the steps)."]
     return "\n".join(lines) + "\n"
