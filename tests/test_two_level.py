@@ -196,7 +196,14 @@ def test_served_pipeline_equals_torch(trained, served, protocol, composed):
     spec, model = trained
     url = served.grpc_url if protocol == "grpc" else served.http_url
     with Client(spec.name + composed, protocol, url) as client:
-        for batch, side in ((1, 64), (8, 64), (5, 80)):
+        for batch, side in ((1, 64), (8, 64), (64, 64), (5, 80)):
             feeds = sample_feeds(spec, batch, side, seed=7)
             _check(spec, TorchRunner.for_spec(spec, model).infer(feeds), client.infer(feeds),
                    f"{spec.name + composed} over {protocol} at batch {batch}, {side}x{side}")
+
+
+def test_unselected_windows_are_not_shown_by_the_client():
+    from training.tasks import output_kind
+
+    boxes = np.array([[0, 0, 0, 0], [0.1, 0.2, 0.5, 0.6], [0, 0, 0, 0]], np.float32)
+    assert output_kind("boxes").present(boxes) == {"boxes": [[0.1, 0.2, 0.5, 0.6]]}
