@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report int8 int8-report variants variants-served serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
+.PHONY: install train export repository engines fp16-report int8 int8-report variants variants-served pipeline-bench serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,10 @@ variants: $(STAMP)
 # The served variants (<name>, <name>_int8) over gRPC at concurrency 1 and 16 (reports/variants_served.md).
 variants-served: $(STAMP)
 	$(PY) -m serving.variant_bench $(MODELS)
+
+# Composed models served as an ensemble and as BLS, with Triton's per-step statistics (reports/pipeline_<name>.md).
+pipeline-bench: $(STAMP)
+	$(PY) -m serving.pipeline_bench $(MODELS)
 
 serve: $(STAMP)
 	$(PY) -m serving.server

@@ -72,15 +72,19 @@ def test_every_spec_config_validates_with_triton_protobuf(target):
 
     from training.registry import list_models
 
-    for name in [*list_models(), rep.FLOOR_MODEL]:
-        spec = rep.spec_for(name)
-        text = rep.config_text(rep.model_config(spec, target))
-        cfg = rep.validate_config(text, rep.deployables(spec)[0], source=name)
-        assert cfg.name == name and cfg.max_batch_size == spec.serving.max_batch_size
-        assert [i.name for i in cfg.input] == [t.name for t in spec.inputs]
-        assert [list(i.dims) for i in cfg.input] == [list(t.shape) for t in spec.inputs]
-        assert [o.name for o in cfg.output] == list(spec.output_names)
-        assert [list(o.dims) for o in cfg.output] == [list(t.shape) for t in spec.outputs]
+    for name, spec, d in ((n, s, d) for n in [*list_models(), rep.FLOOR_MODEL] for s in [rep.spec_for(n)]
+                          for d in rep.deployables(s)):
+        if d.graph is None:  # a composed model's ensemble / BLS model: its tensors are the spec's
+            cfg = rep.validate_config(rep.config_text(rep.composition_config(spec, target)), d, source=name)
+            assert cfg.name == name and [o.name for o in cfg.output] == list(spec.output_names)
+            continue
+        text = rep.config_text(rep.graph_config(spec, d.graph, target))
+        cfg = rep.validate_config(text, d, source=d.triton_name)
+        assert cfg.name == d.triton_name and cfg.max_batch_size == spec.serving.max_batch_size
+        assert [i.name for i in cfg.input] == [t.name for t in d.inputs]
+        assert [list(i.dims) for i in cfg.input] == [list(t.shape) for t in d.inputs]
+        assert [o.name for o in cfg.output] == [t.name for t in d.outputs]
+        assert [list(o.dims) for o in cfg.output] == [list(t.shape) for t in d.outputs]
         assert list(cfg.dynamic_batching.preferred_batch_size) == list(spec.serving.preferred_batch_sizes)
         assert cfg.dynamic_batching.max_queue_delay_microseconds == spec.serving.max_queue_delay_us
         kind = mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU
@@ -89,15 +93,15 @@ def test_every_spec_config_validates_with_triton_protobuf(target):
         assert cfg.model_warmup[0].batch_size == 1
         assert (cfg.backend, cfg.platform) == (("python", "") if target == "cpu" else ("", "onnxruntime_onnx"))
         kinds = json.loads(cfg.parameters["output_kinds"].string_value)
-        assert kinds == {t.name: t.kind for t in spec.outputs}
+        assert kinds == {t.name: t.kind for t in d.outputs}
         bounds = json.loads(cfg.parameters["input_bounds"].string_value)
-        assert bounds == {t.name: {str(i): [d.min, d.max] for i, d in t.dynamic.items()}
-                          for t in spec.inputs if t.dynamic}
+        assert bounds == {t.name: {str(i): [x.min, x.max] for i, x in t.dynamic.items()}
+                          for t in d.inputs if t.dynamic}
         # Only the python backend fills in defaults; native backends get every input from the request.
-        assert [i.optional for i in cfg.input] == [t.optional and target == "cpu" for t in spec.inputs]
+        assert [i.optional for i in cfg.input] == [t.optional and target == "cpu" for t in d.inputs]
         defaults = json.loads(cfg.parameters["input_defaults"].string_value)
-        assert defaults == {t.name: t.default for t in spec.inputs if t.optional}
-        off = rep.model_config(spec, target, dynamic_batching=False)
+        assert defaults == {t.name: t.default for t in d.inputs if t.optional}
+        off = rep.graph_config(spec, d.graph, target, dynamic_batching=False)
         assert not off.HasField("dynamic_batching")
 
 

@@ -153,6 +153,29 @@ def feedback_study() -> Study:
     )
 
 
+@register_study("two_level")
+def two_level_study() -> Study:
+    spec = get_spec("two_level")
+    return Study(
+        name="two_level",
+        title="Two-level attention on cluttered digits: object level, part level, both, and the DomainNet on the "
+              "whole image",
+        arms=(Arm("both", spec, "object + part level (served logits)", metric="acc_combined"),
+              Arm("object", spec, "DomainNet averaged over the FilterNet-selected windows", metric="acc_object"),
+              Arm("part", spec, "classifier on the clustered part detectors' best windows", metric="acc_part"),
+              Arm("whole image", spec, "DomainNet on the whole canvas", metric="acc_whole_image")),
+        claims=(Claim("Xiao et al.: combining both levels beats the object level alone", ("both",), ("object",)),
+                Claim("Xiao et al.: combining both levels beats the part level alone", ("both",), ("part",)),
+                Claim("Xiao et al.: object-level attention beats the DomainNet on the whole image", ("object",),
+                      ("whole image",))),
+        metric="accuracy",
+        also=("selected_per_image", "selected_on_digit", "part_on_digit"),
+        description="One pipeline is trained per seed; its arms are that run's levels (test accuracy of each "
+                    "output). selected_per_image: windows the FilterNet selects; selected_on_digit / "
+                    "part_on_digit: fraction of selected / part windows holding at least half of the digit box.",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.studies", description=__doc__)
     p.add_argument("study", nargs="?", help="study name (omit to list them)")

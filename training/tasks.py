@@ -108,13 +108,15 @@ class SegmentationLogits(OutputKind):
 
 
 class Boxes(OutputKind):
-    """Boxes [..., 4] as (x0, y0, x1, y1) normalized to the input image: max abs only."""
+    """Boxes [..., 4] as (x0, y0, x1, y1) normalized to the input image: max abs only. An all-zero box is an unused
+    slot of a fixed-size output (e.g. a proposal window that was not selected) and is not shown."""
 
     name = "boxes"
 
     def present(self, sample: np.ndarray) -> dict[str, Any]:
         a = np.asarray(sample, dtype=np.float64)
-        return {"boxes": np.round(a.reshape(-1, a.shape[-1]), 4).tolist()}
+        boxes = a.reshape(-1, a.shape[-1])
+        return {"boxes": np.round(boxes[np.any(boxes != 0, axis=1)], 4).tolist()}
 
     def format(self, name: str, v: dict[str, Any]) -> str:
         boxes = "; ".join("(" + ", ".join(f"{c:.3f}" for c in b) + ")" for b in v["boxes"])
