@@ -46,13 +46,15 @@ def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = 
                       f"missed its test-split gate: {'; '.join(f.split(': ', 1)[-1] for f in gate['failures'][:2])}")
     if verdict != choice:
         save_choice(name, verdict)
-    if not verdict.ship:
-        remove_int8_graphs(spec)
     result |= {"choice": verdict.as_dict(), "gate": gate}
+    # A variant that missed its gate is still timed and built (the report says what it would have cost), and only
+    # then removed, so that it is never served.
     if bench:
         result["bench"] = bench_model(spec, fp32, {g: Path(p) for g, p in gate["int8_graphs"].items()}, choice)
     if tensorrt:
         result["tensorrt"] = build_int8_engines(spec, fp32, choice)
+    if not verdict.ship:
+        remove_int8_graphs(spec)
     return result
 
 
