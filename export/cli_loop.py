@@ -10,6 +10,7 @@ measured; the exit is 1 when any model errored or missed its gate, else 0.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -79,3 +80,15 @@ def run_models(names: list[str], evaluate: Callable[[str], dict[str, Any]],
     if results:
         print(f"wrote {write(results)}")
     return 1 if failed else 0
+
+
+def merge_results(path: Path, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Merge this run's models into the report's json at ``path`` and return every model's entry: a model not
+    run now keeps its earlier entry, and a run model keeps earlier keys this run did not redo (a probe, a
+    bench), so models can be measured one command at a time."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    for name, r in results.items():
+        old[name] = old.get(name, {}) | r
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(old.items())), indent=2, default=float) + "\n")
+    return dict(sorted(old.items()))

@@ -371,3 +371,19 @@ def test_trained_fp16_graph_meets_the_agreement_bar(name, artifacts):
     ruled = {o.name for o in spec.outputs if output_kind(o.kind).agreement(one, one) is not None}
     assert set(res["agreements"]) == ruled
     assert all(v == 0 for v in res["nonfinite"].values())
+
+
+def test_report_json_merges_model_by_model(tmp_path):
+    """A run of one model keeps every other model's entry and the keys it did not redo (a probe, a sweep)."""
+    import json
+
+    from export.cli_loop import merge_results
+
+    path = tmp_path / "fp16.json"
+    earlier = {"cnn": {"gate": {"passed": True}, "probe": {"x": 1}}, "mhsa": {"gate": {"passed": False}}}
+    path.write_text(json.dumps(earlier))
+    merged = merge_results(path, {"cnn": {"gate": {"passed": False}}, "racnn": {"gate": {"passed": True}}})
+    assert list(merged) == ["cnn", "mhsa", "racnn"]
+    assert merged["cnn"] == {"gate": {"passed": False}, "probe": {"x": 1}}
+    assert merged["mhsa"] == {"gate": {"passed": False}}
+    assert json.loads(path.read_text()) == merged

@@ -1,5 +1,6 @@
 """``python -m export.fp16 <model|all> [--probe] [--sweep]``: convert each trained, exported model's graphs to
-FP16, measure them against the fp32 torch model, and write reports/fp16.{md,json}.
+FP16, measure them against the fp32 torch model, and write reports/fp16.{md,json}. Results merge into
+reports/fp16.json model by model (a model's earlier probe or sweep is kept when this run did not redo it).
 
 An unknown model, or one with no exported graph or checkpoint, is a one-line ``error:`` and a non-zero exit.
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from export.cli_loop import MissingGraphError, exported_graphs, model_parser, parse, run_models
+from export.cli_loop import MissingGraphError, exported_graphs, merge_results, model_parser, parse, run_models
 from export.fp16.gate import fp16_gate
 from export.fp16.probe import keep_list_sweep, probe_model
 from export.fp16.report import write_report
+from training import paths
 from training.feeds import sample_feeds
 from training.registry import get_spec
 
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if names is None:
         return 2
     return run_models(names, lambda name: evaluate_model(name, args.images, args.probe, args.sweep),
-                      lambda results: write_report(results)[0], debug=args.debug)
+                      lambda results: write_report(merge_results(paths.REPORTS_DIR / "fp16.json", results))[0],
+                      debug=args.debug)
 
 
 if __name__ == "__main__":

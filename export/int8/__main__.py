@@ -11,7 +11,6 @@ and a non-zero exit.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -58,17 +57,6 @@ def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = 
     return result
 
 
-def merge_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Merge into reports/int8.json (a model's earlier probe or bench is kept when this run did not redo it)."""
-    path = paths.REPORTS_DIR / REPORT_JSON
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    for name, r in results.items():
-        old[name] = old.get(name, {}) | r
-    paths.REPORTS_DIR.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(sorted(old.items())), indent=2, default=float) + "\n")
-    return old
-
-
 def _show(name: str, r: dict[str, Any]) -> None:
     if "bench" in r:
         b = r["bench"]["batches"]
@@ -79,7 +67,7 @@ def _show(name: str, r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.cli_loop import model_parser, parse, run_models
+    from export.cli_loop import merge_results, model_parser, parse, run_models
 
     p = model_parser("python -m export.int8", __doc__, "test images per model for the gate (default 1000)")
     p.add_argument("--probe", action="store_true", help="measure and record the calibration method and keep-list")
@@ -93,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_models(
         names, lambda name: evaluate_model(name, args.images, args.probe, not args.no_nodes, args.bench, args.tensorrt),
-        lambda results: write_report(merge_results(results)), debug=args.debug, show=_show)
+        lambda results: write_report(merge_results(paths.REPORTS_DIR / REPORT_JSON, results)),
+        debug=args.debug, show=_show)
 
 
 if __name__ == "__main__":
