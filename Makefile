@@ -38,10 +38,12 @@ int8: $(STAMP)
 	$(PY) -m export.int8 $(MODELS)
 
 # Re-measure the choices (calibration method, nodes kept float), time int8 vs fp32, build TensorRT-RTX engines;
-# one process per model so that a shared host's lock can be taken model by model.
+# one process per model so that a shared host's lock can be taken model by model. Then the int8 conv speed-up by
+# channel width against each model's layer widths (reports/int8_roofline.{md,json,png}).
 int8-report: $(STAMP)
 	rc=0; for m in $$($(PY) -c "from training.registry import resolve_names; print(*resolve_names('$(MODELS)'.split()))"); do \
-		$(PY) -m export.int8 $$m --probe --bench --tensorrt || rc=1; done; exit $$rc
+		$(PY) -m export.int8 $$m --probe --bench --tensorrt || rc=1; done; \
+	$(PY) -m export.int8.roofline $(MODELS) || rc=1; exit $$rc
 
 # The fastest variant (fp32, fp16, int8) per model that passed its gate: reports/variants.{md,json,png}.
 variants: $(STAMP)

@@ -536,7 +536,8 @@ def run(models: list[str] | None, s: Settings, out_dir: Path, repo_dir: Path | N
     names = [m for m in (list_models() if models is None else models) if m != rep.FLOOR_MODEL]
     composed = [m for m in names if get_spec(m).composition is not None]
     for m in composed:  # the batcher on/off comparison reconfigures one graph's model
-        notes.append(f"{m}: a composed pipeline, not benchmarked here")
+        notes.append(f"{m}: a composed pipeline, timed served as an ensemble and as BLS with per-step statistics "
+                     f"in reports/pipeline_{m}.md (`make pipeline-bench`)")
     names = [m for m in names if m not in composed]
     with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp:
         repo = Path(tmp)
