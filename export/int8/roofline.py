@@ -51,7 +51,7 @@ def conv_graph(width: int, path: Path, seed: int = 0) -> Path:
 
 
 def conv_speedups(widths: tuple[int, ...] = WIDTHS, batch: int = BATCH, side: int = SIDE,
-                  rounds: int = 20) -> dict[str, dict[str, Any]]:
+                  rounds: int = 50) -> dict[str, dict[str, Any]]:
     """Width -> fp32 and int8 latency (ms, p50/p95/p99), int8 speed-up (fp32 p50 / int8 p50) and fp32 GMAC/s."""
     from tqdm import tqdm
 
