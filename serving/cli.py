@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 
 def cli_error(exc: BaseException, debug: bool) -> int:
@@ -12,3 +14,16 @@ def cli_error(exc: BaseException, debug: bool) -> int:
         raise exc
     print(f"error: {exc}", file=sys.stderr)
     return 1
+
+
+def bench_parser(prog: str, doc: str | None, duration_help: str, rounds: int,
+                 rounds_help: str) -> argparse.ArgumentParser:
+    """The served benchmarks' arguments: models (``all`` by default), ``--duration``, ``--rounds``, ``--repo`` and
+    ``--debug``; the command adds its own."""
+    p = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
+    p.add_argument("--duration", type=float, default=4.0, help=duration_help)
+    p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    p.add_argument("--repo", type=Path, default=None, help="the exported model repository (default: model_repository/)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p

@@ -9,7 +9,6 @@ executions, queue and compute time per request). Names the faster composition pe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.bench import example_inputs, measure_callable
-from serving.cli import cli_error
+from serving.cli import bench_parser, cli_error
 
 KINDS = ("ensemble", "bls")
 CONCURRENCY = (1, 8)
@@ -166,12 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.cli import model_names
     from training.registry import get_spec
 
-    p = argparse.ArgumentParser(prog="python -m serving.pipeline_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", default=["all"])
-    p.add_argument("--duration", type=float, default=4.0, help="seconds per composition and case")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds the duration is split into")
-    p.add_argument("--repo", type=Path, default=None, help="where the exported graphs are (default: model_repository/)")
-    p.add_argument("--debug", action="store_true")
+    p = bench_parser("python -m serving.pipeline_bench", __doc__, "seconds per composition and case", 2,
+                     "interleaved rounds the duration is split into")
     a = p.parse_args(argv)
     names = model_names(a.models)
     if names is None:

@@ -12,14 +12,13 @@ they appear here only on a GPU host's repository.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from serving.bench import example_inputs, measure_callable
-from serving.cli import cli_error
+from serving.cli import bench_parser, cli_error
 
 CONCURRENCY = (1, 16)
 SERVED_SUFFIX = {"fp32": "", "int8": "_int8"}  # variant -> Triton model name suffix (serving.repository)
@@ -112,12 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from training import layout, paths
     from training.cli import model_names
 
-    p = argparse.ArgumentParser(prog="python -m serving.variant_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", default=["all"])
-    p.add_argument("--duration", type=float, default=4.0, help="seconds per variant and concurrency")
-    p.add_argument("--rounds", type=int, default=4, help="alternating rounds the duration is split into")
-    p.add_argument("--repo", type=Path, default=None, help="the served repository (default: model_repository/)")
-    p.add_argument("--debug", action="store_true")
+    p = bench_parser("python -m serving.variant_bench", __doc__, "seconds per variant and concurrency", 4,
+                     "alternating rounds the duration is split into")
     a = p.parse_args(argv)
     names = model_names(a.models)
     if names is None:
