@@ -27,3 +27,11 @@ def bench_parser(prog: str, doc: str | None, duration_help: str, rounds: int,
     p.add_argument("--repo", type=Path, default=None, help="the exported model repository (default: model_repository/)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def parse_models(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str] | None]:
+    """Parse, and resolve the model names (None: an unknown model, already said; the command returns 2)."""
+    from training.cli import model_names
+
+    a = p.parse_args(argv)
+    return a, model_names(a.models)

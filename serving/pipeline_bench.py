@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.bench import example_inputs, measure_callable
-from serving.cli import bench_parser, cli_error
+from serving.cli import bench_parser, cli_error, parse_models
 
 KINDS = ("ensemble", "bls")
 CONCURRENCY = (1, 8)
@@ -162,13 +162,11 @@ def render(name: str, r: dict[str, Any], duration: float, rounds: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     from serving.server import TritonServer, free_ports
     from training import layout, paths
-    from training.cli import model_names
     from training.registry import get_spec
 
     p = bench_parser("python -m serving.pipeline_bench", __doc__, "seconds per composition and case", 2,
                      "interleaved rounds the duration is split into")
-    a = p.parse_args(argv)
-    names = model_names(a.models)
+    a, names = parse_models(p, argv)
     if names is None:
         return 2
     specs = [get_spec(n) for n in names if get_spec(n).composition is not None]
