@@ -89,6 +89,7 @@ def merge_results(path: Path, results: dict[str, dict[str, Any]]) -> dict[str, d
     old = json.loads(path.read_text()) if path.is_file() else {}
     for name, r in results.items():
         old[name] = old.get(name, {}) | r
+    merged = dict(sorted(old.items()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(sorted(old.items())), indent=2, default=float) + "\n")
-    return dict(sorted(old.items()))
+    path.write_text(json.dumps(merged, indent=2, default=float) + "\n")
+    return merged

@@ -18,20 +18,12 @@ def cli_error(exc: BaseException, debug: bool) -> int:
 
 def bench_parser(prog: str, doc: str | None, duration_help: str, rounds: int,
                  rounds_help: str) -> argparse.ArgumentParser:
-    """The served benchmarks' arguments: models (``all`` by default), ``--duration``, ``--rounds``, ``--repo`` and
-    ``--debug``; the command adds its own."""
+    """The served benchmarks' arguments: models (``all`` by default), ``--duration``, ``--rounds`` and ``--repo``; the
+    command adds its own, then ``export.cli_loop.parse`` adds ``--debug`` and resolves the model names."""
     p = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
     p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
     p.add_argument("--duration", type=float, default=4.0, help=duration_help)
     p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
     p.add_argument("--repo", type=Path, default=None, help="the exported model repository (default: model_repository/)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
-
-def parse_models(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str] | None]:
-    """Parse, and resolve the model names (None: an unknown model, already said; the command returns 2)."""
-    from training.cli import model_names
-
-    a = p.parse_args(argv)
-    return a, model_names(a.models)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.bench import example_inputs, measure_callable
-from serving.cli import bench_parser, cli_error, parse_models
+from serving.cli import bench_parser, cli_error
 
 KINDS = ("ensemble", "bls")
 CONCURRENCY = (1, 8)
@@ -160,13 +160,14 @@ def render(name: str, r: dict[str, Any], duration: float, rounds: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from export.cli_loop import parse
     from serving.server import TritonServer, free_ports
     from training import layout, paths
     from training.registry import get_spec
 
     p = bench_parser("python -m serving.pipeline_bench", __doc__, "seconds per composition and case", 2,
                      "interleaved rounds the duration is split into")
-    a, names = parse_models(p, argv)
+    a, names = parse(p, argv)
     if names is None:
         return 2
     specs = [get_spec(n) for n in names if get_spec(n).composition is not None]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.bench import example_inputs, measure_callable
-from serving.cli import bench_parser, cli_error, parse_models
+from serving.cli import bench_parser, cli_error
 
 CONCURRENCY = (1, 16)
 SERVED_SUFFIX = {"fp32": "", "int8": "_int8"}  # variant -> Triton model name suffix (serving.repository)
@@ -106,13 +106,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from export.cli_loop import parse
     from serving.repository import served_models
     from serving.server import TritonServer, free_ports
     from training import layout, paths
 
     p = bench_parser("python -m serving.variant_bench", __doc__, "seconds per variant and concurrency", 4,
                      "alternating rounds the duration is split into")
-    a, names = parse_models(p, argv)
+    a, names = parse(p, argv)
     if names is None:
         return 2
     try:

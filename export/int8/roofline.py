@@ -61,8 +61,8 @@ def conv_speedups(widths: tuple[int, ...] = WIDTHS, batch: int = BATCH, side: in
     rng = np.random.default_rng(0)
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
         for width in tqdm(widths, desc="int8 conv roofline", unit="width"):
-            d = Path(tmp)
             fp32 = conv_graph(width, d / f"conv{width}.onnx")
             calib = {"x": rng.random((64, width, side, side), dtype=np.float32)}
             int8 = quantize(preprocess(fp32, d / f"conv{width}.pre.onnx"), d / f"conv{width}.int8.onnx", "MinMax",
