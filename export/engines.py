@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export.markdown import with_host_line
 from export.tensorrt import (
     DEFAULT_AOT_ARCHS,
     PRECISIONS,
@@ -169,7 +170,7 @@ def write_report(results: list[ModelEngines], header: dict[str, Any], reports_di
             f"{eng('fp16')} | {r.deployed or 'no'} | {notes} |"
         )
     path = out / "engines.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(with_host_line("\n".join(lines) + "\n"))
     return path
 
 

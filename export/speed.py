@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.markdown import with_host_line
 from export.parity import deployed_runner
 from export.pipeline import graph_paths
 from export.profile import ort_op_profile, top, torch_op_profile
@@ -71,7 +72,7 @@ def write_report(rows: list[dict]) -> None:
         lines.append(f"| {r['model']} | {t['p50']:.2f} | {t['p95']:.2f} | {t['p99']:.2f} | {o['p50']:.2f} | "
                      f"{o['p95']:.2f} | {o['p99']:.2f} | {r['speedup_p50']:.2f}x |")
     lines += _profile_lines(rows)
-    (paths.REPORTS_DIR / "ort_vs_torch.md").write_text("\n".join(lines) + "\n")
+    (paths.REPORTS_DIR / "ort_vs_torch.md").write_text(with_host_line("\n".join(lines) + "\n"))
     (paths.REPORTS_DIR / "ort_vs_torch.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(rows)
 

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from export.compare import compare, spec_tolerance
+from export.markdown import with_host_line
 from export.onnx_export import export_onnx
 from export.runners import OnnxRuntimeRunner, TorchRunner
 from export.timing import percentiles
@@ -130,7 +131,7 @@ def write_report(name: str, param: str, rows: list[dict[str, Any]], batches: tup
                  *(f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "–" for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"![sweep](sweep_{name}_{param}.png)", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    out.with_suffix(".md").write_text(with_host_line("\n".join(lines)))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     _plot(name, param, rows, batches, out.with_suffix(".png"), metrics)
     return out.with_suffix(".md")

@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     results = dict(sorted(results.items()))
     paths.REPORTS_DIR.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
-    (paths.REPORTS_DIR / "variants.md").write_text(render(results))
+    from export.markdown import with_host_line
+
+    (paths.REPORTS_DIR / "variants.md").write_text(with_host_line(render(results)))
     _plot(results, paths.REPORTS_DIR / "variants.png")
     print(f"wrote {paths.REPORTS_DIR / 'variants.md'}")
     return 0

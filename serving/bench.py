@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from export.markdown import with_host_line
 from export.timing import percentiles
 from serving import repository as rep
 from serving.cli import cli_error
@@ -485,7 +486,7 @@ def write_markdown(path: Path, rows: list[Row], summary: dict[str, Any], meta: d
                      f"{'' if r.avg_server_batch is None else f'{r.avg_server_batch:.1f}'} |")
     if meta.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in meta["notes"]]]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(with_host_line("\n".join(lines) + "\n"))
 
 
 def plot(path: Path, rows: list[Row]) -> None:

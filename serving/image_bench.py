@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from export.markdown import with_host_line
 from serving.bench import measure_callable
 from serving.cli import cli_error
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(paths.REPORTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "images.md").write_text(render(rows, a.duration, len(files)))
+    (out / "images.md").write_text(with_host_line(render(rows, a.duration, len(files))))
     print(f"wrote {out / 'images.md'}")
     return 0
 

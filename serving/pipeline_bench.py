@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from export.markdown import with_host_line
 from serving.bench import example_inputs, measure_callable
 from serving.cli import bench_parser, cli_error
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{spec.name}:", file=sys.stderr)
                     r = bench(server, spec, served, a.duration, a.rounds)
             (out / f"pipeline_{spec.name}.json").write_text(json.dumps(r, indent=2) + "\n")
-            (out / f"pipeline_{spec.name}.md").write_text(render(spec.name, r, a.duration, a.rounds))
+            (out / f"pipeline_{spec.name}.md").write_text(with_host_line(render(spec.name, r, a.duration, a.rounds)))
             print(f"wrote {out / f'pipeline_{spec.name}.md'}")
     except Exception as e:
         return cli_error(e, a.debug)

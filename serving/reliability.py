@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from export.markdown import with_host_line
 from serving import repository as rep
 from serving.cli import cli_error
 
@@ -254,7 +255,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
               f"RSS of the server and its stubs: {report['rss_after_warmup_mb']} MB after warm-up, "
               f"{report['rss_after_long_run_mb']} MB after the long run."]
     path = out_dir / "reliability.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(with_host_line("\n".join(lines) + "\n"))
     return path
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from export.markdown import with_host_line
 from serving.bench import example_inputs, measure_callable
 from serving.cli import bench_parser, cli_error
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     out = paths.REPORTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     (out / "variants_served.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "variants_served.md").write_text(render(results, a.duration, a.rounds))
+    (out / "variants_served.md").write_text(with_host_line(render(results, a.duration, a.rounds)))
     plot(results, out / "variants_served.png")
     print(f"wrote {out / 'variants_served.md'}")
     return 0

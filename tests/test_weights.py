@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.checkpoints import checkpoint_path, file_sha256, load_record
-from training.fingerprint import code_digest, host_fingerprint, weights_fingerprint
+from training.fingerprint import code_digest, host_fingerprint, same_numerics_host, weights_fingerprint
 from training.registry import get_spec, list_models
 from training.train import is_current, train_model
 
@@ -65,8 +65,9 @@ def test_fingerprint_covers_the_modules_a_model_is_built_from():
 
 @pytest.mark.slow
 def test_retraining_the_cheapest_model_reproduces_the_shipped_one(tmp_path, monkeypatch):
-    """From scratch, with its full recipe: bit-identical weights on the host (CPU model and libraries) that
-    trained them; elsewhere the same bars met and test accuracy within the measured cross-host spread."""
+    """From scratch, with its full recipe: bit-identical weights on a host whose numerics match the one that
+    trained them (CPU, dispatched instruction set, kernel flags, threads, libraries); elsewhere the same bars
+    met and test accuracy within the measured cross-host spread."""
     # Cheapest by work, not by the recorded seconds (those depend on how busy the training host was).
     name = min(list_models(), key=lambda n: load_record(n)["steps"] * load_record(n)["params"])
     shipped, shipped_weights = load_record(name), checkpoint_path(name)
@@ -79,7 +80,7 @@ def test_retraining_the_cheapest_model_reproduces_the_shipped_one(tmp_path, monk
         torch.set_num_threads(threads)
     assert rec["fingerprint"] == shipped["fingerprint"]
     assert not rec["bar_failures"], rec["bar_failures"]
-    if shipped["host"] == host_fingerprint():
+    if same_numerics_host(shipped["host"]):
         new = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         old = torch.load(shipped_weights, weights_only=True)
         assert new.keys() == old.keys()
@@ -90,6 +91,32 @@ def test_retraining_the_cheapest_model_reproduces_the_shipped_one(tmp_path, monk
             if "acc" in k:
                 assert abs(rec["metrics"][k] - v) <= CROSS_HOST_ACCURACY_TOLERANCE, (k, rec["metrics"][k], v)
     json.dumps(rec)  # the record is plain JSON
+
+
+def test_only_a_host_with_the_same_instruction_set_counts_as_the_same_host():
+    """The bit-identical branch above needs every numerics field equal: a record from a host with another
+    dispatched instruction set, other kernel flags, an ISA limit, or one written before these fields existed
+    (only the CPU's model name, as "AMD EPYC" on both AVX2 and AVX-512 hosts) takes the tolerance branch."""
+    here = host_fingerprint()
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert same_numerics_host(dict(here), here)
+    other_isa = "AVX2" if here["cpu_capability"] != "AVX2" else "AVX512"
+    assert not same_numerics_host({**here, "cpu_capability": other_isa}, here)
+    assert not same_numerics_host({**here, "cpu_flags": [f for f in here["cpu_flags"] if f != "avx512f"] + ["x"]},
+                                  here)
+    assert not same_numerics_host({**here, "isa_limits": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}, here)
+    assert not same_numerics_host({**here, "torch_threads": here["torch_threads"] + 1}, here)
+    legacy = {k: here[k] for k in ("cpu", "machine", "python", "torch", "numpy", "scikit-learn", "pillow",
+                                   "torch_threads")}
+    assert not same_numerics_host(legacy, here)
+
+
+def test_shipped_records_say_which_instruction_set_trained_them():
+    for name in list_models():
+        host = load_record(name)["host"]
+        # "unknown": trained before the field existed on a CPU whose instruction set nobody recorded
+        assert host.get("cpu_capability") in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256", "unknown"}, name
+        assert isinstance(host.get("cpu_flags"), list), name
 
 
 def test_models_built_by_the_same_code_have_their_own_fingerprints():

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import os
 import platform
 import sys
 import textwrap
@@ -122,21 +123,64 @@ def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: i
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _cpu_model() -> str:
+# CPU flags that select other kernels in torch/oneDNN/onnxruntime (the model name does not: "AMD EPYC" names
+# both AVX2-only and AVX-512 hosts of this kind).
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "amx_tile", "amx_int8", "amx_bf16")
+# Environment variables that hold torch and oneDNN to a lower instruction set than the CPU has.
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# The record fields that decide whether two hosts compute bit-identical weights; a record lacking any of them
+# (written before they existed) is never "the same host".
+NUMERICS_KEYS = ("cpu", "machine", "cpu_capability", "cpu_flags", "isa_limits", "python", "torch", "numpy",
+                 "scikit-learn", "pillow", "torch_threads")
+
+
+def _cpuinfo_field(name: str) -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_kernel_flags() -> list[str]:
+    """The instruction-set flags of ``KERNEL_FLAGS`` this CPU has (what it has, not what torch is held to)."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return [f for f in KERNEL_FLAGS if f in flags]
+
+
+def cpu_capability() -> str:
+    """The instruction set torch dispatches its CPU kernels to (``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def isa_summary() -> str:
+    """One line for report headers: the CPU, the flags it has and the set torch uses, with any limit set."""
+    limits = ", ".join(f"{k}={v}" for k, v in isa_limits().items())
+    return (f"{_cpu_model()} ({platform.machine()}), torch kernels {cpu_capability()}, CPU flags "
+            f"{' '.join(cpu_kernel_flags()) or 'none of ' + '/'.join(KERNEL_FLAGS[:3])}"
+            + (f", held by {limits}" if limits else ""))
+
+
+def isa_limits() -> dict[str, str]:
+    return {k: os.environ[k] for k in ISA_LIMIT_VARS if os.environ.get(k)}
 
 
 def host_fingerprint() -> dict[str, Any]:
-    """The CPU model and library versions that make training bit-reproducible when they are equal."""
+    """What makes training bit-reproducible when it is equal: the CPU and the kernels torch picks on it (the
+    dispatched instruction set, the CPU's kernel-selecting flags, any limit put on them), the thread count and
+    the library versions."""
     libs = {}
-    for pkg in ("torch", "numpy", "scikit-learn", "pillow"):
+    for pkg in ("torch", "numpy", "scikit-learn", "pillow", "onnxruntime"):
         try:
             libs[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -145,5 +189,13 @@ def host_fingerprint() -> dict[str, Any]:
 
     # The thread count too: the same code and seed trained with 1 intra-op thread instead of 2 gave other
     # weights (measured: cnn 97.15% instead of 97.35% test accuracy).
-    return {"cpu": _cpu_model(), "machine": platform.machine(), "python": platform.python_version(), **libs,
-            "torch_threads": torch.get_num_threads()}
+    return {"cpu": _cpu_model(), "machine": platform.machine(), "cpu_capability": cpu_capability(),
+            "cpu_flags": cpu_kernel_flags(), "isa_limits": isa_limits(), "python": platform.python_version(),
+            **libs, "torch_threads": torch.get_num_threads()}
+
+
+def same_numerics_host(recorded: dict[str, Any], here: dict[str, Any] | None = None) -> bool:
+    """Whether weights trained on the ``recorded`` host are reproduced bit for bit here: every
+    ``NUMERICS_KEYS`` field present in both and equal. A record without them is another host."""
+    here = host_fingerprint() if here is None else here
+    return all(k in recorded and k in here and recorded[k] == here[k] for k in NUMERICS_KEYS)

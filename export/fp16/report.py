@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.markdown import dash, md_table, per_output
+from export.markdown import dash, md_table, per_output, with_host_line
 from training import paths
 
 
@@ -65,5 +65,5 @@ def write_report(results: dict[str, dict[str, Any]], reports_dir: str | Path | N
     out.mkdir(parents=True, exist_ok=True)
     md_path, json_path = out / "fp16.md", out / "fp16.json"
     json_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    md_path.write_text(render_markdown(results))
+    md_path.write_text(with_host_line(render_markdown(results)))
     return md_path, json_path

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from export.int8.bench import TARGET
-from export.markdown import dash, md_table, per_output
+from export.markdown import dash, md_table, per_output, with_host_line
 from training import paths
 
 
@@ -167,6 +167,6 @@ def write_report(results: dict[str, dict[str, Any]], reports_dir: str | Path | N
     out = Path(reports_dir or paths.REPORTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "int8.md"
-    md.write_text(render_markdown(results) + "\n")
+    md.write_text(with_host_line(render_markdown(results) + "\n"))
     _plot(results, out / "int8.png")
     return md

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from export.int8.speed import THREADS, interleaved
-from export.markdown import md_table
+from export.markdown import md_table, with_host_line
 from training import paths
 
 WIDTHS = (16, 32, 64, 128, 256)
@@ -230,7 +230,7 @@ def write_report(r: dict[str, Any], reports_dir: str | Path | None = None) -> Pa
     (out / "int8_roofline.json").write_text(json.dumps(r, indent=2, default=float) + "\n")
     _plot(r, out / "int8_roofline.png")
     md = out / "int8_roofline.md"
-    md.write_text(render_markdown(r))
+    md.write_text(with_host_line(render_markdown(r)))
     return md
 
 
