@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install train export repository engines fp16-report int8 int8-report variants variants-served pipeline-bench serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
+.PHONY: install browser gallery train export repository engines fp16-report int8 int8-report variants variants-served pipeline-bench serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,7 +14,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The explorer's browser test (tests/test_explorer.py) drives Debian's chromium: installed where we may (root with
+# apt-get); elsewhere that test skips and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium + chromium-driver (apt-get)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver >/dev/null) || echo "warning: apt-get could not install chromium" >&2; fi
 
 train: $(STAMP)
 	$(PY) -m training $(MODELS)
@@ -78,7 +86,7 @@ gpu-check: $(STAMP)
 	$(PY) -m export.gpu_check all
 
 # pytest's exit 5 (no tests collected) must fail loudly, never pass.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)
@@ -86,6 +94,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check training export serving tests
+
+# The same 8 images through every mechanism, every map/box/mask output drawn: reports/gallery.{png,md}.
+gallery: $(STAMP)
+	$(PY) -m serving.gallery
 
 samples: $(STAMP)
 	$(PY) -c "from training.data import save_sample_grid; save_sample_grid('reports/samples.png')"
