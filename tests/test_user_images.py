@@ -9,12 +9,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import early, early_process
 from training.sample_trees import write_cub_tree, write_folder_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,37 +35,53 @@ def _env(tmp: Path) -> dict[str, str]:
             "ATTNZOO_REPORTS": str(tmp / "reports"), "ATTNZOO_ARTIFACTS": str(tmp / "artifacts")}
 
 
-def _run(args: list[str], env: dict[str, str], ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if ok:
-        assert p.returncode == 0, f"{' '.join(args)}: rc {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+def _check(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"{' '.join(p.args[1:])}: rc {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def deployed(request, tmp_path_factory):
-    """A model trained, exported and put in a repository for one layout; yields (name, tree, env, spec, model)."""
-    layout = request.param
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return _check(subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=900))
+
+
+def _deploy(layout: str) -> tuple[str, Path, dict[str, str], Path]:
+    """Generate the tree, train (refused on the corrupt file, then with --skip-bad-images), export and write the
+    repository, as a user runs it; returns (name, tree, env, tmp)."""
     family, steps, export_flags = CASES[layout]
-    tmp = tmp_path_factory.mktemp(f"user_{layout}")
+    tmp = Path(tempfile.mkdtemp(prefix=f"attnzoo-user-{layout}-"))
     tree = (write_cub_tree(tmp / "tree", per_class=30, corrupt=True) if layout == "cub"
             else write_folder_tree(tmp / "tree", per_class=30, corrupt=True))
     env = _env(tmp)
     name = f"shapes_{layout}"
     train = [*"-m training".split(), family, "--data", str(tree), "--name", name, "--steps", str(steps)]
-    refused = _run(train, env, ok=False)  # the corrupt file stops training, named, in one line
+    refused = early_process(train, env)  # the corrupt file stops training, named, in one line
     assert refused.returncode == 2 and "broken" in refused.stderr and "--skip-bad-images" in refused.stderr
     assert "Traceback" not in refused.stderr
-    trained = _run([*train, "--skip-bad-images"], env)
+    trained = _check(early_process([*train, "--skip-bad-images"], env))
     assert "skipped 1 bad image" in trained.stderr and "broken" in trained.stderr
-    _run(["-m", "export", name, "--skip-int8", *export_flags], env)  # the parity gate: a failure exits non-zero
-    _run(["-m", "serving.repository", name], env)
+    _check(early_process(["-m", "export", name, "--skip-int8", *export_flags], env))  # the parity gate
+    _check(early_process(["-m", "serving.repository", name], env))
+    return name, tree, env, tmp
+
+
+def start_early() -> None:
+    """The trees are trained and exported in the background from the session's start (tests/conftest.py)."""
+    for layout in sorted(CASES):
+        early(f"user-images-{layout}", lambda layout=layout: _deploy(layout))
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def deployed(request):
+    """A model trained, exported and put in a repository for one layout; yields (name, tree, env, spec, model)."""
+    layout = request.param
+    name, tree, env, tmp = early(f"user-images-{layout}", lambda: _deploy(layout)).result()
 
     from training.derived import derive_spec
     from training.registry import get_spec
 
     info = json.loads((tmp / "user_models" / f"{name}.spec.json").read_text())
-    spec = derive_spec(get_spec(family), info)
+    spec = derive_spec(get_spec(CASES[layout][0]), info)
     model = spec.builder()
     model.load_state_dict(torch.load(tmp / "user_models" / f"{name}.pt", weights_only=True))
     yield name, tree, env, spec, model.eval(), tmp
