@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,32 @@ from training.tasks import output_kind
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+# What a server says while it (or one model) restarts or reloads: worth the same request again shortly.
+# (Inference is idempotent: repeating it is safe.)
+TRANSIENT = re.compile(r"no available versions|is not ready|not healthy|stub process|unavailable", re.I)
+RETRY_STATUSES = {"StatusCode.UNAVAILABLE", "503"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``retries`` more attempts after the first, waiting ``base_s`` doubling up to ``max_s`` between them."""
+
+    retries: int = 4
+    base_s: float = 0.5
+    max_s: float = 8.0
+
+    def delays(self) -> Iterator[float]:
+        for i in range(max(self.retries, 0)):
+            yield min(self.base_s * 2**i, self.max_s)
+
+
+def retryable(e: BaseException) -> bool:
+    """A refused or reset connection, gRPC UNAVAILABLE, HTTP 503, or Triton saying a model is (re)loading."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(e, InferenceServerException):
+        return str(e.status() or "") in RETRY_STATUSES or bool(TRANSIENT.search(e.message() or ""))
+    return isinstance(e, OSError)  # ConnectionRefusedError / ConnectionResetError from the HTTP client
 
 
 class ClientError(RuntimeError):
@@ -92,23 +120,51 @@ class Client:
     """One model on one server. gRPC clients are thread-safe; the HTTP client is not (``infer_many`` uses its
     asyncio API instead of threads)."""
 
-    def __init__(self, model: str, protocol: str = "grpc", url: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(self, model: str, protocol: str = "grpc", url: str | None = None, *, timeout: float = 30.0,
+                 retries: int = 4, retry_base_s: float = 0.5, retry_max_s: float = 8.0) -> None:
+        """``retries``: how often an unreachable server, or an inference refused as UNAVAILABLE (server or
+        model restarting), is tried again, with exponential backoff (``retry_base_s`` doubling up to
+        ``retry_max_s``); 0: never."""
         if protocol not in PROTOCOLS:
             raise ClientError(f"unknown protocol {protocol!r}; choose grpc or http")
         self.model, self.protocol, self.timeout = model, protocol, timeout
+        self.retry = RetryPolicy(retries, retry_base_s, retry_max_s)
         self.url = url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
         if protocol == "grpc":
             import tritonclient.grpc as tc
         else:
             import tritonclient.http as tc
         self._tc = tc
-        kwargs = {"network_timeout": timeout, "connection_timeout": timeout} if protocol == "http" else {}
         try:
-            self._client = tc.InferenceServerClient(self.url, **kwargs)
+            self._client = tc.InferenceServerClient(self.url, **self._client_options())
         except Exception as e:
             raise ClientError(f"cannot create a {protocol} client for {self.url}: {e}") from None
-        self._check_server()
+        self._with_retries(self._check_server, lambda e: "not reachable" in str(e))
         self.info = self._model_info()
+
+    def _client_options(self) -> dict[str, Any]:
+        if self.protocol == "http":
+            return {"network_timeout": self.timeout, "connection_timeout": self.timeout}
+        from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+
+        # gRPC's own reconnect backoff (1 s growing to 120 s) would keep failing a retry fast for long after a
+        # restarted server is back: keep it short, so the retries above decide the pace.
+        return {"channel_args": [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                                 ("grpc.max_reconnect_backoff_ms", 1000)]}
+
+    def _with_retries(self, call: Callable[[], Any], again: Callable[[Exception], bool] = retryable) -> Any:
+        """``call()``, repeated after each backoff delay while it fails with an error ``again`` accepts."""
+        delays = self.retry.delays()
+        while True:
+            try:
+                return call()
+            except Exception as e:
+                delay = next(delays, None) if again(e) else None
+                if delay is None:
+                    raise
+                time.sleep(delay)
 
     # -- setup
     def _check_server(self) -> None:
@@ -284,9 +340,10 @@ class Client:
         if validate:
             self.validate(inputs)
         reqs, outs = self._request(inputs, class_count)
+        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
         try:
-            res = self._client.infer(self.model, reqs, outputs=outs, request_id=request_id,
-                                     **({"client_timeout": self.timeout} if self.protocol == "grpc" else {}))
+            res = self._with_retries(lambda: self._client.infer(self.model, reqs, outputs=outs,
+                                                                request_id=request_id, **kwargs))
         except Exception as e:
             raise self._error(e) from None
         return self._result(res)
@@ -317,8 +374,8 @@ class Client:
             def one(i: int) -> Any:
                 reqs, outs = self._request(items[i])
                 try:
-                    return check(i, self._client.infer(self.model, reqs, outputs=outs, request_id=str(i),
-                                                       client_timeout=self.timeout))
+                    return check(i, self._with_retries(lambda: self._client.infer(
+                        self.model, reqs, outputs=outs, request_id=str(i), client_timeout=self.timeout)))
                 except InferenceError as e:
                     return e
                 except Exception as e:
@@ -455,7 +512,7 @@ def _classify_files(args: argparse.Namespace, files: list[Path]) -> int:
         if not f.is_file():
             raise ClientError(f"{f}: no such file")
     try:
-        client = Client(name, args.protocol, args.url)
+        client = Client(name, args.protocol, args.url, retries=args.retries)
     except ClientError as e:
         if name == args.model or "not reachable" in str(e):
             raise
@@ -492,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensor", action="store_true",
                    help="send image files as decoded tensors to MODEL itself, not their bytes to MODEL_image")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    p.add_argument("--retries", type=int, default=RetryPolicy.retries,
+                   help="tries again this often while the server or model restarts (backoff 0.5 s doubling "
+                        "to 8 s; 0: fail at once)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
@@ -503,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ClientError("image files go to MODEL_image as bytes: send .npy tensors or --sample in "
                                   "another call (or pass --tensor)")
             return _classify_files(args, files)
-        client = Client(args.model, args.protocol, args.url)
+        client = Client(args.model, args.protocol, args.url, retries=args.retries)
         items: list[tuple[str, np.ndarray]] = []  # (label, [1, 1, H, W])
         if args.sample:
             from training.data import test_images

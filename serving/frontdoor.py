@@ -11,12 +11,18 @@ extension, so ``tritonclient.http`` works against it unchanged), and before anyt
   that the claimed element count matches the data sent; refuses NaN/Inf, non-numbers, zero or negative dims
   (400 with ``{"error": "<one line>"}``; 404 for an unknown model);
 - forwards what passes to Triton over gRPC, which checks byte sizes before allocating, and maps Triton's
-  INVALID_ARGUMENT to 400, NOT_FOUND to 404, UNAVAILABLE to 503.
+  INVALID_ARGUMENT to 400, NOT_FOUND to 404, UNAVAILABLE to 503; a model that exists but cannot answer now
+  (being reloaded, its python stub dead) gets 503 with Retry-After, and is not ready (a real probe inference).
+
+It also serves the attention explorer (``serving/explorer/``: static HTML/JS/CSS at ``/explorer/``), a page that
+calls this same v2 API from the browser; its one extra resource, ``/explorer/models.json``, lists the repository's
+``<name>_image`` models, the bundled samples and the mask palette (no inference happens there).
 
 Request parameters other than ``binary_data_output`` (priority, timeout, sequences, custom ones) and shared
 memory are not forwarded. Triton's own ports stay on 127.0.0.1; the front door's port is the one to expose.
 
     python -m serving.frontdoor [--host 127.0.0.1] [--port 8080] [--triton-grpc 127.0.0.1:8001] [--max-body-mib 64]
+                                [--model-repository DIR] [--no-explorer]
 """
 
 from __future__ import annotations
@@ -37,13 +43,15 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from google.protobuf import json_format
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
@@ -70,17 +78,29 @@ NUMPY_TYPES: dict[str, Any] = {
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }
 ITEM_SIZE = {**{k: np.dtype(v).itemsize for k, v in NUMPY_TYPES.items()}, "BF16": 2}
+EXPLORER_DIR = Path(__file__).resolve().parent / "explorer"
+EXPLORER_SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# The page only talks to this origin; blob:/data: are the images it decodes and draws itself.
+EXPLORER_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 GRPC_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+RETRY_AFTER_S = 1  # a model reload or a stub restart takes about a second here; Triton's restart a few
+PROBE_TTL_S = 1.0  # /ready probes a model with a real inference at most this often
+# What Triton says about a model that exists but cannot answer right now (being loaded or unloaded, or its
+# python stub dead or restarting): retryable, unlike an unknown model.
+TRANSIENT = re.compile(r"no available versions|is not ready|not healthy|stub process|unloading|loading", re.I)
 
 
 class RequestError(Exception):
-    """A request refused with an HTTP status and a one-line message."""
+    """A request refused with an HTTP status and a one-line message; ``retry_after`` (seconds) for a 503 that
+    will pass (a model loading, a stub or Triton restarting)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.retry_after = status, retry_after
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -88,8 +108,9 @@ def _one_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": _one_line(message)}, status_code=status)
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": _one_line(message)}, status_code=status, headers=headers)
 
 
 def _bad(message: str) -> RequestError:
@@ -448,23 +469,46 @@ def _dims_to_int(node: Any) -> Any:
 
 
 class Triton:
-    """Triton's gRPC API and a short-lived cache of model rules; create inside the serving event loop."""
+    """Triton's gRPC API and a short-lived cache of model rules; create inside the serving event loop.
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
-        self.url, self.timeout = url, timeout
+    A model that exists (in ``repository``, or served before) but cannot answer right now (being reloaded,
+    its python stub dead) is refused with 503 + Retry-After, never 404, and is counted in ``broken`` until
+    it answers again."""
+
+    def __init__(self, url: str, timeout: float = 30.0, repository: Path | None = None) -> None:
+        self.url, self.timeout, self.repository = url, timeout, repository
         self.channel = grpc.aio.insecure_channel(url, options=GRPC_OPTIONS)
         self.stub = pbg.GRPCInferenceServiceStub(self.channel)
         self._rules: dict[tuple[str, str], tuple[float, ModelRules]] = {}
+        self._probes: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self.seen: set[str] = set()  # models Triton has served to us
+        self.broken: set[str] = set()  # models that exist but failed to answer, until they answer again
 
-    async def call(self, method: str, request: Any) -> Any:
+    async def call(self, method: str, request: Any, model: str = "", version: str = "") -> Any:
+        """One gRPC call; ``model``/``version``: what it is about (its refusals may be retryable)."""
         try:
             return await getattr(self.stub, method)(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as e:
-            status = GRPC_STATUS.get(e.code(), 502)
-            msg = e.details() or str(e.code())
-            if e.code() == grpc.StatusCode.UNAVAILABLE and "connect" in msg.lower():
-                msg = f"triton at {self.url} is unavailable: {msg}"
-            raise RequestError(status, msg) from None
+            raise self._refusal(e.code(), e.details() or str(e.code()), model, version) from None
+
+    def known(self, model: str) -> bool:
+        """The model exists though Triton may not serve it now: served before, or in the model repository."""
+        if model in self.seen:
+            return True
+        return (self.repository is not None and not model.startswith(".")
+                and (self.repository / model / "config.pbtxt").is_file())
+
+    def _refusal(self, code: grpc.StatusCode, msg: str, model: str, version: str) -> RequestError:
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in msg.lower():
+            return RequestError(503, f"triton at {self.url} is unavailable (restarting?): {msg}", RETRY_AFTER_S)
+        transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL) \
+            and bool(TRANSIENT.search(msg))
+        # A version asked for by number that Triton does not have is unknown, the model's existence aside.
+        if model and (transient or (code == grpc.StatusCode.NOT_FOUND and not version and self.known(model))):
+            self.broken.add(model)
+            return RequestError(503, f"model '{model}' exists but is not available right now (loading, or its "
+                                     f"process restarting): {msg}; retry", RETRY_AFTER_S)
+        return RequestError(GRPC_STATUS.get(code, 502), msg)
 
     async def rules(self, model: str, version: str = "") -> ModelRules:
         if not MODEL_NAME.fullmatch(model) or not (version == "" or (version.isascii() and version.isdigit()
@@ -474,8 +518,10 @@ class Triton:
         hit = self._rules.get(key)
         if hit and hit[0] > now:
             return hit[1]
-        cfg = (await self.call("ModelConfig", pb.ModelConfigRequest(name=model, version=version))).config
+        request = pb.ModelConfigRequest(name=model, version=version)
+        cfg = (await self.call("ModelConfig", request, model, version)).config
         rules = ModelRules.from_config(cfg)
+        self.seen.add(model)
         if len(self._rules) >= 256:  # only served models get here, but versions ("1", "01", ...) are many
             self._rules.clear()
         self._rules[key] = (now + CONFIG_TTL_S, rules)
@@ -490,7 +536,31 @@ class Triton:
             out = req.outputs.add(name=o.name)
             if o.class_count:
                 out.parameters["classification"].int64_param = o.class_count
-        return await self.call("ModelInfer", req)
+        resp = await self.call("ModelInfer", req, model, version)
+        self.broken.discard(model)
+        return resp
+
+    async def probe(self, model: str, version: str = "") -> str | None:
+        """None if the model answers a real inference (its own probe request), else why not; at most one
+        probe per model every PROBE_TTL_S. (Triton keeps a model whose python stub died READY.)"""
+        from serving.server import probe_inputs
+
+        key, now = (model, version), time.monotonic()
+        hit = self._probes.get(key)
+        if hit and hit[0] > now:
+            return hit[1]
+        try:
+            rules = await self.rules(model, version)
+            cfg = await self.call("ModelConfig", pb.ModelConfigRequest(name=model, version=version), model, version)
+            inputs = probe_inputs(_dims_to_int(json_format.MessageToDict(cfg.config, preserving_proto_field_name=True)))
+            await self.infer(model, version, parse_request({"inputs": inputs}, b"", rules))
+            why = None
+        except RequestError as e:
+            why = str(e)
+        if len(self._probes) >= 256:
+            self._probes.clear()
+        self._probes[key] = (time.monotonic() + PROBE_TTL_S, why)
+        return why
 
     async def close(self) -> None:
         await self.channel.close()
@@ -526,7 +596,8 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
           "content": {"application/json": {"schema": {"type": "object"}}}},
     **{code: {"model": ErrorBody, "description": what} for code, what in (
         (400, "invalid request"), (404, "unknown model"), (413, "body over the limit"),
-        (415, "unsupported Content-Encoding"), (503, "Triton unavailable"))}}
+        (415, "unsupported Content-Encoding"),
+        (503, "Triton, or the model (loading, restarting), unavailable right now: see Retry-After"))}}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -548,12 +619,17 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT_BODY_LIMIT,
-               timeout: float = 30.0) -> FastAPI:
+               timeout: float = 30.0, *, explorer: bool = True,
+               model_repository: str | Path | None = None) -> FastAPI:
+    """The front door; with ``explorer`` also the explorer page at /explorer/, listing the ``<name>_image``
+    models of ``model_repository`` (default: ``training.layout.repository_root()``)."""
     state: dict[str, Triton] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
-        state["triton"] = Triton(triton_grpc, timeout)
+        from training import layout
+
+        state["triton"] = Triton(triton_grpc, timeout, layout.repository_root(model_repository))
         yield
         await state["triton"].close()
 
@@ -562,7 +638,7 @@ def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-        return _error(e.status, str(e))
+        return _error(e.status, str(e), e.retry_after)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -579,8 +655,13 @@ def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT
 
     @app.get("/v2/health/ready", responses={503: {"model": ErrorBody}})
     async def ready() -> Response:
-        ok = (await state["triton"].call("ServerReady", pb.ServerReadyRequest())).ready
-        return Response(status_code=200) if ok else _error(503, "triton is not ready")
+        triton = state["triton"]
+        if not (await triton.call("ServerReady", pb.ServerReadyRequest())).ready:
+            return _error(503, "triton is not ready", RETRY_AFTER_S)
+        for model in sorted(triton.broken):  # ready again once each answers (a probe at most every second)
+            if await triton.probe(model) is not None:
+                return _error(503, f"model '{model}' is not answering (loading or restarting)", RETRY_AFTER_S)
+        return Response(status_code=200)
 
     @app.get("/v2")
     async def server_metadata() -> dict:
@@ -590,7 +671,8 @@ def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT
     async def metadata(model: str, request: Request) -> dict:
         version = request.path_params.get("version", "")
         await state["triton"].rules(model, version)  # name check, 404 for an unknown model
-        md = await state["triton"].call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version))
+        request_md = pb.ModelMetadataRequest(name=model, version=version)
+        md = await state["triton"].call("ModelMetadata", request_md, model, version)
 
         def tensors(ts: Any) -> list[dict]:
             return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
@@ -601,14 +683,20 @@ def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT
     async def config(model: str, request: Request) -> dict:
         version = request.path_params.get("version", "")
         await state["triton"].rules(model, version)
-        cfg = await state["triton"].call("ModelConfig", pb.ModelConfigRequest(name=model, version=version))
+        cfg = await state["triton"].call("ModelConfig", pb.ModelConfigRequest(name=model, version=version),
+                                          model, version)
         return _dims_to_int(json_format.MessageToDict(cfg.config, preserving_proto_field_name=True))
 
     async def model_ready(model: str, request: Request) -> Response:
         version = request.path_params.get("version", "")
         await state["triton"].rules(model, version)
-        ok = (await state["triton"].call("ModelReady", pb.ModelReadyRequest(name=model, version=version))).ready
-        return Response(status_code=200) if ok else _error(503, f"model '{model}' is not ready")
+        triton = state["triton"]
+        ok = (await triton.call("ModelReady", pb.ModelReadyRequest(name=model, version=version), model, version)).ready
+        why = await triton.probe(model, version) if ok else "not loaded"  # READY is not answering
+        if why is None:
+            return Response(status_code=200)
+        triton.broken.add(model)
+        return _error(503, f"model '{model}' is not ready: {why}", RETRY_AFTER_S)
 
     async def infer(model: str, request: Request) -> Response:
         version, triton = request.path_params.get("version", ""), state["triton"]
@@ -632,7 +720,46 @@ def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT
         app.add_api_route(prefix + "/infer", infer, methods=["POST"], response_class=Response,
                           responses=_INFER_RESPONSES,
                           openapi_extra={**_INFER_OPENAPI, "parameters": [*extra, *_INFER_OPENAPI["parameters"]]})
+    if explorer and EXPLORER_DIR.is_dir():
+        _mount_explorer(app, model_repository, body_limit)
     return app
+
+
+class _ExplorerFiles(StaticFiles):
+    """The explorer's static files with a strict Content-Security-Policy (the page runs only its own script)."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(EXPLORER_HEADERS)
+        return response
+
+
+def explorer_index(model_repository: str | Path | None, body_limit: int) -> dict[str, Any]:
+    """What the explorer page offers: the repository's ``<name>_image`` models (the page reads each one's config
+    over v2, so one that is not loaded shows as such), the bundled samples, the segmentation palette (the
+    client's, ``training.tasks.PALETTE``) and the body limit (to refuse a too-large file before sending it)."""
+    from training import layout
+    from training.tasks import PALETTE
+
+    root = layout.repository_root(model_repository)
+    models = sorted(p.parent.name for p in root.glob(f"*{layout.IMAGE_SUFFIX}/{layout.CONFIG_FILE}"))
+    samples = sorted(p.name for p in (EXPLORER_DIR / "samples").glob("*")
+                     if p.suffix.lower() in EXPLORER_SAMPLE_SUFFIXES)
+    return {"models": models, "samples": samples, "palette": PALETTE.tolist(), "body_limit": body_limit}
+
+
+def _mount_explorer(app: FastAPI, model_repository: str | Path | None, body_limit: int) -> None:
+    @app.get("/explorer", include_in_schema=False)
+    async def explorer_root() -> Response:
+        return RedirectResponse("/explorer/")
+
+    @app.get("/explorer/models.json", include_in_schema=False)
+    async def explorer_models() -> JSONResponse:
+        index = await asyncio.to_thread(explorer_index, model_repository, body_limit)
+        return JSONResponse(index, headers={"Cache-Control": "no-store"})
+
+    # Mounted after the routes above, so /explorer/models.json is the route and everything else a file.
+    app.mount("/explorer", _ExplorerFiles(directory=EXPLORER_DIR, html=True), name="explorer")
 
 
 # ------------------------------------------------------------------------------- running and measuring
@@ -764,11 +891,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-body-mib", type=float, default=DEFAULT_BODY_LIMIT / 2**20, help="request body limit")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call to Triton")
     p.add_argument("--max-connections", type=int, default=64, help="concurrent connections before 503")
+    p.add_argument("--model-repository", type=Path, default=None, metavar="DIR",
+                   help="where the explorer page finds the <name>_image models to offer (default: model_repository/)")
+    p.add_argument("--no-explorer", action="store_true", help="do not serve the explorer page at /explorer/")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:
         limit = int(args.max_body_mib * 2**20)
-        app = create_app(args.triton_grpc, limit, args.timeout)
+        app = create_app(args.triton_grpc, limit, args.timeout, explorer=not args.no_explorer,
+                         model_repository=args.model_repository)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                access_log=False, limit_concurrency=args.max_connections))
         startup = server.startup
@@ -777,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
             await startup(sockets)
             if server.started:
                 print(f"front door on http://{args.host}:{args.port} -> triton grpc {args.triton_grpc} "
-                      f"(body limit {limit / 2**20:g} MiB)", flush=True)
+                      f"(body limit {limit / 2**20:g} MiB)" + ("" if args.no_explorer else
+                      f"; explorer at http://{args.host}:{args.port}/explorer/"), flush=True)
 
         server.startup = announce  # type: ignore[method-assign]
         # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal: make that a clean exit.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -29,10 +30,11 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,12 @@ from serving import admin
 from serving.cli import cli_error
 
 EXIT_TIMEOUT_S = 5
+# Files the server and its stubs create (log, the stubs' __pycache__, onnxruntime's cache) are their owner's only.
+PRIVATE_UMASK = 0o077
+# The python backend's shared-memory regions hold every request's tensors, and boost::interprocess fchmods
+# them to 0644 whatever the umask: so the server gets a /dev/shm of its own, a 0700 tmpfs in a private mount
+# namespace (unshare), that no other process sees.
+PRIVATE_SHM = 'mount -t tmpfs -o mode=0700,nosuid,nodev tmpfs /dev/shm && exec "$0" "$@"'
 STUB_PYTHON = "3.11"
 
 
@@ -125,6 +133,29 @@ def server_env(root: Path | None = None, base: dict[str, str] | None = None) -> 
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def private_shm_wrapper() -> tuple[str, ...]:
+    """The command prefix that runs a program with its own /dev/shm (see PRIVATE_SHM), or () where this host
+    does not allow mount namespaces (then the regions are 0644 in the shared /dev/shm: `serving/README.md`)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return ()
+    user = () if os.geteuid() == 0 else ("--map-current-user",)  # a user namespace lets a user mount a tmpfs
+    wrapper = (unshare, "--mount", "--propagation", "private", *user, "--", "/bin/sh", "-c", PRIVATE_SHM)
+    try:
+        ok = subprocess.run([*wrapper, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return wrapper if ok else ()
+
+
+def _private_log(path: Path) -> Any:
+    """The server's log, opened for writing with mode 0600 (also when it exists: a --log path reused)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -272,7 +303,7 @@ class TritonServer:
             *admin.server_flags(self.admin_key),
         ]
         cmd += [f"--load-model={m}" for m in self.models]
-        return cmd + self.extra_args
+        return [*private_shm_wrapper(), *cmd, *self.extra_args]
 
     # lifecycle
     def start(self) -> TritonServer:
@@ -289,14 +320,14 @@ class TritonServer:
         if self._log_arg:
             self.log_path = self._log_arg
         else:
-            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")  # 0600
             os.close(fd)
             self.log_path = Path(name)
-        with open(self.log_path, "wb") as log:
+        with _private_log(self.log_path) as log:
             self.proc = subprocess.Popen(self.command(runtime), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=server_env(runtime),
                                          start_new_session=True,  # Ctrl-C reaches us, and we stop it cleanly
-                                         preexec_fn=self._pin if self.cpus else None)
+                                         umask=PRIVATE_UMASK, preexec_fn=self._pin if self.cpus else None)
         try:
             self.wait_ready(self.startup_timeout)
         except BaseException:
@@ -372,6 +403,12 @@ class TritonServer:
             os.killpg(pgid, signal.SIGKILL)
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
+
+    def shm_regions(self) -> list[Path]:
+        """The python backend's shared-memory regions of the running server (in its own /dev/shm, if private)."""
+        if not self.alive():
+            return []
+        return sorted(Path(f"/proc/{self.proc.pid}/root/dev/shm").glob(f"{self.shm_prefix}*"))
 
     def _children(self) -> list[tuple[int, str]]:
         """(pid, command line) of the server's child processes (its python-backend stubs)."""
@@ -508,48 +545,109 @@ class TritonServer:
 # ---------------------------------------------------------------------------------------------- supervisor
 
 
-class CrashLoopError(ServerError):
-    """The server died too often in too short a time: restarting it again would not help."""
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown"
 
 
 class Supervisor:
-    """Restarts a tritonserver that died (e.g. the HTTP frontend's std::bad_alloc on a request that claims a
-    huge tensor), with exponential backoff and a crash-loop limit, and says why it died.
+    """Keeps a tritonserver serving: restarts one that died (e.g. the HTTP frontend's std::bad_alloc on a request
+    that claims a huge tensor), forever, and says why it died.
 
-    ``check()`` is one look: it returns None while the server is alive, else a record of the restart
-    (``why``: the log's last error line, ``restart_s``: seconds until it served again)."""
+    A crash loop is never turned into an outage by giving up: consecutive deaths back off exponentially
+    (``backoff_base_s`` doubling up to ``backoff_max_s``), and the streak is forgotten once the server has
+    served for ``stable_s``. Nothing a dying server raises (a refused connection mid-probe, a restart that fails)
+    ends ``run``. ``status()`` says where it stands; every log line carries it.
 
-    def __init__(self, server: TritonServer, max_restarts: int = 5, window_s: float = 300.0,
-                 backoff_s: tuple[float, ...] = (0.5, 1, 2, 4, 8), log=None) -> None:
-        self.server, self.max_restarts, self.window_s, self.backoff_s = server, max_restarts, window_s, backoff_s
+    ``check()`` is one look: None while the server is alive, else (after the backoff) a record of the restart
+    attempt (``why``: the log's last error line, ``backoff_s``, ``ok``, ``restart_s``: seconds until it served
+    again, or ``error``)."""
+
+    def __init__(self, server: TritonServer, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
+                 stable_s: float = 60.0, log: Callable[[str], None] | None = None) -> None:
+        self.server, self.base, self.cap, self.stable_s = server, backoff_base_s, backoff_max_s, stable_s
         self.restarts: list[dict[str, Any]] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.state, self.last_reason, self.backoff_s, self.streak = "serving", None, 0.0, 0
+        self._serving_since = time.monotonic()
+        self._failed_start: str | None = None  # why the last restart attempt failed (its server is gone)
+        self._stop = threading.Event()
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "restarts": sum(r["ok"] for r in self.restarts), "attempts": len(self.restarts),
+                "crashes_in_a_row": self.streak, "last_reason": self.last_reason, "backoff_s": self.backoff_s}
+
+    def _status_text(self) -> str:
+        st = self.status()
+        return (f"[state {st['state']}, restarts {st['restarts']}, crashes in a row {st['crashes_in_a_row']}, "
+                f"backoff {st['backoff_s']:g} s]")
 
     def _why(self) -> str:
+        if self._failed_start:
+            return self._failed_start
         code = self.server.proc.returncode if self.server.proc else None
         lines = [ln for ln in self.server.log_tail(40).splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("E") or "terminate" in ln or "what()" in ln or "Signal" in ln]
-        detail = (errors or lines or ["no log"])[-1].strip()
-        sig = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        detail = (errors or [f"no error in its log ({len(lines)} lines)"])[-1].strip()  # a SIGKILL leaves none
+        sig = f"signal {-code} ({_signal_name(-code)})" if code is not None and code < 0 else f"exit code {code}"
         return f"{sig}: {detail[:300]}"
+
+    def next_backoff(self) -> float:
+        """base * 2^(deaths in a row - 1), capped."""
+        return min(self.base * 2 ** max(self.streak - 1, 0), self.cap)
 
     def check(self) -> dict[str, Any] | None:
         if self.server.alive():
+            if self.streak and time.monotonic() - self._serving_since >= self.stable_s:
+                self.streak = 0  # served long enough: the next death starts the backoff afresh
             return None
-        why = self._why()
-        now = time.monotonic()
-        recent = [r for r in self.restarts if now - r["at"] < self.window_s]
-        if len(recent) >= self.max_restarts:
-            raise CrashLoopError(f"tritonserver died {len(recent) + 1} times in {self.window_s:.0f} s; "
-                                 f"not restarting it again (last: {why})")
-        delay = self.backoff_s[min(len(recent), len(self.backoff_s) - 1)]
-        self.log(f"supervisor: tritonserver died ({why}); restarting in {delay:g} s")
-        time.sleep(delay)
-        seconds = self.server.restart()
-        record = {"at": now, "why": why, "backoff_s": delay, "restart_s": round(seconds, 2)}
-        self.restarts.append(record)
-        self.log(f"supervisor: serving again after {seconds:.1f} s (restart {len(self.restarts)})")
-        return record
+        self.streak += 1
+        self.last_reason, self.backoff_s, self.state = self._why(), self.next_backoff(), "backing-off"
+        self.log(f"supervisor: tritonserver died ({self.last_reason}); restarting in {self.backoff_s:g} s "
+                 f"{self._status_text()}")
+        if self._stop.wait(self.backoff_s):
+            return None
+        return self._restart()
+
+    def _restart(self) -> dict[str, Any]:
+        self.state = "restarting"
+        record: dict[str, Any] = {"at": time.monotonic(), "why": self.last_reason, "backoff_s": self.backoff_s}
+        try:
+            seconds = self.server.restart()
+        except Exception as e:  # ports still held, dies again while starting, ...: the next check tries again
+            self._failed_start = f"restart failed: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            self.state = "backing-off"
+            self.restarts.append({**record, "ok": False, "error": self._failed_start})
+            self.log(f"supervisor: {self._failed_start} {self._status_text()}")
+            return self.restarts[-1]
+        self._failed_start, self.state, self._serving_since = None, "serving", time.monotonic()
+        self.restarts.append({**record, "ok": True, "restart_s": round(seconds, 2)})
+        self.log(f"supervisor: serving again after {seconds:.1f} s {self._status_text()}")
+        return self.restarts[-1]
+
+    def watchdog(self) -> None:
+        """Reload every model whose probe inference fails (a dead python stub keeps its model READY)."""
+        for m, err in self.server.heal().items():
+            self.log(f"watchdog: model '{m}' failed its probe ({err}); reloaded it")
+
+    def run(self, watchdog_s: float = 10.0, poll_s: float = 0.5) -> None:
+        """Until ``stop()``: restart a dead server, and every ``watchdog_s`` (0: never) heal broken models.
+        No exception from a dying or restarting server ends it (KeyboardInterrupt does)."""
+        next_probe = time.monotonic() + watchdog_s
+        while not self._stop.wait(poll_s):
+            try:
+                self.check()
+                if watchdog_s and time.monotonic() >= next_probe and self.server.alive():
+                    next_probe = time.monotonic() + watchdog_s
+                    self.watchdog()
+            except Exception as e:  # e.g. URLError: the server died while the watchdog probed it
+                self.log(f"supervisor: {type(e).__name__}: {_first_line(str(e))[:300]} (the next check "
+                         f"handles it) {self._status_text()}")
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -570,8 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="start, probe every model, stop (a smoke test)")
     p.add_argument("--watchdog", type=float, default=10.0,
                    help="seconds between probe inferences that reload a model whose stub died (0: off)")
-    p.add_argument("--max-restarts", type=int, default=5,
-                   help="restarts of a dead server allowed within 5 minutes before giving up (crash loop)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="seconds before restarting a dead server; doubles while it keeps dying")
+    p.add_argument("--max-backoff", type=float, default=60.0, help="cap of that backoff (it never gives up)")
     p.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
     p.add_argument("--verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -598,16 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {m}: {'ok' if err is None else 'ERROR ' + err}", flush=True)
         if args.check:
             return 0 if not any(server.health().values()) else 1
-        supervisor = Supervisor(server, max_restarts=args.max_restarts)
-        next_check = time.monotonic() + args.watchdog
-        while True:
-            time.sleep(0.5)
-            supervisor.check()  # restarts a dead server; raises CrashLoopError past the limit
-            if args.watchdog and time.monotonic() >= next_check:
-                # READY is not healthy: a dead python stub keeps its model READY while requests fail.
-                for m, err in server.heal().items():
-                    print(f"watchdog: model '{m}' failed its probe ({err}); reloaded it", file=sys.stderr, flush=True)
-                next_check = time.monotonic() + args.watchdog
+        Supervisor(server, args.backoff, args.max_backoff).run(args.watchdog)
+        return 0
     except KeyboardInterrupt:
         return 0
     except Exception as e:

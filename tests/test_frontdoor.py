@@ -61,7 +61,7 @@ def triton(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def door(triton):
-    with serve_in_thread(create_app(triton.grpc_url), port=free_ports(1)[0]) as url:
+    with serve_in_thread(create_app(triton.grpc_url, model_repository=triton.repository), port=free_ports(1)[0]) as url:
         yield url
 
 
@@ -244,6 +244,46 @@ def test_triton_errors_map_to_http_statuses(door, triton):
         for status, _, body in (_request(url, "GET", "/v2/health/live"), _infer(url, {"inputs": [_image()]})):
             assert status == 503, body
             assert dead in json.loads(body)["error"] or "unavailable" in json.loads(body)["error"].lower()
+
+
+def _unavailable(url: str, method: str, path: str, body: bytes | None = None) -> str:
+    """The answer to a request for a model that exists but is not loaded: 503, Retry-After, one line."""
+    status, headers, answer = _request(url, method, path, body)
+    assert status == 503 and headers.get("retry-after") == "1", (path, status, answer[:300])
+    msg = json.loads(answer)["error"]
+    assert f"'{MODEL}'" in msg and "\n" not in msg, msg
+    return msg
+
+
+def test_a_model_being_reloaded_is_503_with_retry_after_never_404(door, triton, tmp_path):
+    """While a model is unloaded (as during a reload) Triton says NOT_FOUND "no available versions": the front
+    door answers 503 + Retry-After for a model it knows (in its repository, or served before), 404 only for one
+    that does not exist, and serves it again once loaded."""
+    infer = json.dumps({"inputs": [_image()]}).encode()
+    paths = [("POST", f"/v2/models/{MODEL}/infer", infer), ("GET", f"/v2/models/{MODEL}/ready", None),
+             ("GET", f"/v2/models/{MODEL}", None), ("GET", f"/v2/models/{MODEL}/config", None)]
+    # A second door whose repository does not hold the model: it knows it from having served it.
+    with serve_in_thread(create_app(triton.grpc_url, model_repository=tmp_path, explorer=False),
+                         port=free_ports(1)[0]) as seen:
+        _good(seen)
+        triton.unload(MODEL)
+        try:
+            for url in (door, seen):
+                msgs = [_unavailable(url, *case) for case in paths]
+                assert "not available right now" in msgs[0] and "retry" in msgs[0], msgs
+                status, headers, _ = _request(url, "GET", "/v2/health/ready")
+                assert status == 503 and headers.get("retry-after"), status
+                assert _infer(url, {"inputs": [_image()]}, model="nope")[0] == 404
+        finally:
+            triton.load(MODEL)
+        for url in (door, seen):
+            _good(url)
+            deadline = time.monotonic() + 10  # readiness probes a model at most once a second
+            while _request(url, "GET", "/v2/health/ready")[0] != 200 or \
+                    _request(url, "GET", f"/v2/models/{MODEL}/ready")[0] != 200:
+                assert time.monotonic() < deadline, "still not ready after the load"
+                time.sleep(0.2)
+    _triton_ok(triton)
 
 
 # ----------------------------------------------------------------------------------------- 3. parity

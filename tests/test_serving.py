@@ -26,7 +26,7 @@ import torch
 from export.compare import compare, spec_tolerance
 from export.runners import OnnxRuntimeRunner, TorchRunner
 from serving import repository as rep
-from serving.server import TritonServer, free_ports, port_free
+from serving.server import TritonServer, free_ports, port_free, probe_inputs
 from training import layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -369,7 +369,7 @@ def test_client_side_errors_are_one_line(server, protocol):
             _client(server, "nope", protocol)
     port = free_ports(1)[0]
     with pytest.raises(ClientError, match=f"not reachable at 127.0.0.1:{port}"):
-        Client("cnn", protocol, f"127.0.0.1:{port}", timeout=2)
+        Client("cnn", protocol, f"127.0.0.1:{port}", timeout=2, retries=0)
 
 
 @pytest.mark.server
@@ -394,22 +394,74 @@ def _stub_pids(server: TritonServer, model: str) -> list[int]:
     return server.stub_pids(model)
 
 
+def _not_private(srv: TritonServer) -> dict[str, str]:
+    """{path: mode} of every shared-memory region of ``srv`` and every file it wrote that another user could
+    read. A region is private where the server has a 0700 /dev/shm of its own (its mount namespace's)."""
+    shm = Path(f"/proc/{srv.proc.pid}/root/dev/shm")
+    own_shm = shm.stat().st_dev != Path("/dev/shm").stat().st_dev and shm.stat().st_mode & 0o077 == 0
+    written = [*srv.repository.rglob("__pycache__"), *srv.repository.rglob("*.pyc")]  # the stubs' bytecode
+    paths = [srv.log_path, *written, *([] if own_shm else srv.shm_regions())]
+    return {str(p): oct(p.stat().st_mode & 0o777) for p in paths if p.stat().st_mode & 0o077}
+
+
+def _get(url: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
+    host, _, port = url.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST" if body is not None else "GET", path, body,
+                     {"Content-Type": "application/json"} if body is not None else {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.server
+def test_server_files_and_shared_memory_are_private(server):
+    """The python backend's shared memory holds every request's tensors: owner only, as is the log."""
+    regions = server.shm_regions()
+    assert len(regions) >= len(server.models) - 1, regions  # one per python stub (an ensemble has none)
+    assert not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))  # not in the /dev/shm others see
+    assert oct(regions[0].parent.stat().st_mode & 0o777) == "0o700"
+    assert _not_private(server) == {}
+
+
 @pytest.mark.server
 def test_dead_stub_is_caught_by_the_probe_and_a_reload_heals_it(untrained, tmp_path):
-    """A stub that dies leaves its model READY while requests fail: only a real inference tells."""
+    """A stub that dies leaves its model READY while requests fail: only a real inference tells. The front door
+    says so (not ready, 503 + Retry-After) until the reload brings it back."""
+    from serving.frontdoor import PROBE_TTL_S, create_app, serve_in_thread
+
+    log = tmp_path / "tritonserver.log"
+    log.write_text("a log left by an earlier run\n")
+    log.chmod(0o644)
     # Its own server: a crashed stub makes shutdown wait the exit timeout (and exit 1, log kept).
-    srv = _start(untrained[0], log_path=tmp_path / "tritonserver.log")
+    srv = _start(untrained[0], log_path=log)
     try:
-        pids = _stub_pids(srv, "cnn")
-        assert len(pids) == 1, pids
-        os.kill(pids[0], signal.SIGKILL)
-        time.sleep(0.3)
-        assert srv.model_states()["cnn"]["state"] == "READY"  # Triton's flag does not notice
-        health = srv.health()
-        assert health["passthrough"] is None
-        assert "not healthy" in health["cnn"], health
-        assert set(srv.heal()) == {"cnn"}  # unload + load of just that model
-        assert srv.health() == HEALTHY
+        with serve_in_thread(create_app(srv.grpc_url, explorer=False), port=free_ports(1)[0]) as url:
+            assert _not_private(srv) == {}  # a reused --log path too
+            assert _get(url, "/v2/models/cnn/ready")[0] == 200
+            pids = _stub_pids(srv, "cnn")
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+            time.sleep(PROBE_TTL_S + 0.1)  # the front door's last probe (it said ready) has expired
+            assert srv.model_states()["cnn"]["state"] == "READY"  # Triton's flag does not notice
+            for path, body in (("/v2/models/cnn/ready", None), ("/v2/health/ready", None),
+                               ("/v2/models/cnn/infer", json.dumps({"inputs": probe_inputs(srv.model_config("cnn"))}))):
+                status, headers, answer = _get(url, path, body and body.encode())
+                assert status == 503 and headers.get("retry-after") == "1", (path, status, answer)
+            health = srv.health()
+            assert health["passthrough"] is None
+            assert "not healthy" in health["cnn"], health
+            assert set(srv.heal()) == {"cnn"}  # unload + load of just that model
+            assert srv.health() == HEALTHY
+            assert _not_private(srv) == {}  # the new stub's region too
+            deadline = time.monotonic() + 10  # the front door probes a model at most once a second
+            while _get(url, "/v2/models/cnn/ready")[0] != 200 or _get(url, "/v2/health/ready")[0] != 200:
+                assert time.monotonic() < deadline, "the front door still says cnn is not ready"
+                time.sleep(0.2)
     finally:
         t0 = time.monotonic()
         srv.stop()
@@ -517,36 +569,148 @@ def test_admin_apis_are_locked_without_the_key(server, tmp_path):
     server.unload("evil")
 
 
+def _kill_each_new_server(srv: TritonServer, n: int, timeout: float = 60) -> list[int]:
+    """SIGKILL the next ``n`` tritonserver processes the supervisor starts, each as soon as it exists."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(killed) < n and time.monotonic() < deadline:
+        proc = srv.proc
+        if proc is not None and proc.pid not in killed and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.append(proc.pid)
+        time.sleep(0.02)
+    return killed
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 @pytest.mark.server
-def test_supervisor_restarts_a_server_killed_by_one_request_then_stops_a_crash_loop(untrained):
+def test_supervisor_survives_a_crash_loop_backs_off_and_serves_again(untrained):
     """The HTTP request that claims a 2.6 TB tensor aborts tritonserver 2.51 (std::bad_alloc); the supervisor
-    brings it back with every model, and gives up when it keeps dying."""
-    from serving.server import CrashLoopError, Supervisor, http_json
+    brings it back. Then every new server is SIGKILLed as it starts: the supervisor keeps trying, its backoff
+    doubles up to the cap, its watchdog's errors on a dying server do not end it, and it serves again. A client
+    with retries gets its answer across the restart; one without fails at once with one line."""
+    import threading
+
+    from serving.client import Client, InferenceError
+    from serving.server import Supervisor, http_json
 
     srv = _start(untrained[0], require_all=True)
     killer = {"inputs": [{"name": "image", "shape": [64, 1, 100000, 100000], "datatype": "FP32", "data": []}]}
     logs: list[str] = []
-    sup = Supervisor(srv, max_restarts=1, window_s=300, backoff_s=(0.2,), log=logs.append)
+    sup = Supervisor(srv, backoff_base_s=0.1, backoff_max_s=0.4, stable_s=300, log=logs.append)
+    runner = threading.Thread(target=sup.run, kwargs={"watchdog_s": 0.2, "poll_s": 0.05}, daemon=True)
+    patient = Client("cnn", "grpc", srv.grpc_url, retries=20, retry_base_s=0.2, retry_max_s=1.0)
+    impatient = Client("cnn", "grpc", srv.grpc_url, retries=0)
+    x = _real_images(1)[0]
     try:
-        assert sup.check() is None
+        runner.start()
         with pytest.raises(OSError):
             http_json("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
-        deadline = time.monotonic() + 30
-        while srv.alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        record = sup.check()
-        assert record is not None and record["restart_s"] < 60
-        assert "signal 6" in record["why"] or "bad_alloc" in record["why"], record
+        _wait(lambda: sup.restarts, 30, "no restart after the killer request")
+        first = sup.restarts[0]
+        assert first["ok"] and ("signal 6" in first["why"] or "bad_alloc" in first["why"]), first
+        assert sup.status()["state"] == "serving"
+
+        t0 = time.monotonic()
+        assert len(_kill_each_new_server(srv, 1)) == 1  # the running one
+        with pytest.raises(InferenceError) as e:
+            impatient.infer(x)
+        assert "\n" not in str(e.value) and "cnn" in str(e.value)
+        assert len(_kill_each_new_server(srv, 2)) == 2  # each restart attempt, as it starts
+        states = set()
+        answer: dict = {}
+        asker = threading.Thread(target=lambda: answer.update(patient.infer(x)), daemon=True)
+        asker.start()  # sent while the server is down
+        while not (sup.status()["state"] == "serving" and srv.alive()):
+            states.add(sup.status()["state"])
+            assert runner.is_alive() and time.monotonic() - t0 < 45, logs[-3:]
+            time.sleep(0.02)
+        serving_again_s = time.monotonic() - t0
+        asker.join(30)
+        assert answer["logits"].shape == (1, 10)
+        assert "backing-off" in states
+        assert runner.is_alive()
+        backoffs = [r["backoff_s"] for r in sup.restarts]
+        assert backoffs == [0.1, 0.2, 0.4, 0.4], (backoffs, logs)  # doubling, capped, never giving up
+        assert [r["ok"] for r in sup.restarts] == [True, False, False, True], sup.restarts
+        assert "SIGKILL" in sup.restarts[1]["why"] and "exited with code -9" in sup.restarts[2]["why"], sup.restarts
+        st = sup.status()
+        assert st["restarts"] == 2 and st["attempts"] == 4 and st["crashes_in_a_row"] == 4, st
         assert srv.health() == {m: None for m in srv.models}
-        with pytest.raises(OSError):
-            http_json("POST", f"http://{srv.http_url}/v2/models/cnn/infer", killer, timeout=30)
-        while srv.alive():
-            time.sleep(0.1)
-        with pytest.raises(CrashLoopError, match="died 2 times"):
-            sup.check()
+        print(f"crash loop of 3 SIGKILLs: serving again {serving_again_s:.1f} s after the first; {logs}")
     finally:
+        sup.stop()
+        runner.join(10)
+        patient.close()
+        impatient.close()
         srv.stop()
+    assert not runner.is_alive()
+    assert any("restarting in 0.4 s" in line and "backing-off" in line for line in logs), logs
     assert any("serving again" in line for line in logs)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_client_retries_while_its_model_reloads(server, protocol):
+    """Triton answers a model being (re)loaded with an error: a client with retries waits it out."""
+    import threading
+
+    from serving.client import Client, InferenceError
+
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    x = _real_images(1)[0]
+    loader = threading.Timer(0.8, server.load, ["cnn"])
+    with Client("cnn", protocol, url, retries=8, retry_base_s=0.1, retry_max_s=0.5) as patient, \
+            Client("cnn", protocol, url, retries=0) as impatient:
+        server.unload("cnn")
+        try:
+            with pytest.raises(InferenceError) as e:
+                impatient.infer(x)
+            assert "\n" not in str(e.value) and "cnn" in str(e.value), e.value
+            loader.start()
+            t0 = time.monotonic()
+            assert patient.infer(x)["logits"].shape == (1, 10)
+            assert time.monotonic() - t0 >= 0.5  # it did wait for the load
+        finally:
+            if loader.is_alive():
+                loader.join()
+            if server.model_states().get("cnn", {}).get("state") != "READY":
+                server.load("cnn")
+    assert server.health() == HEALTHY
+
+
+@pytest.mark.server
+def test_client_retries_until_the_port_comes_up(server):
+    """A connection refused (a server not up yet) is retried; without retries it is one line at once."""
+    import threading
+
+    from serving.client import Client, ClientError
+    from serving.frontdoor import create_app, serve_in_thread
+
+    url = f"127.0.0.1:{free_ports(1)[0]}"
+    t0 = time.monotonic()
+    with pytest.raises(ClientError, match="not reachable") as e:
+        Client("cnn", "http", url, retries=0)
+    assert time.monotonic() - t0 < 2 and "\n" not in str(e.value)
+    done = threading.Event()
+
+    def door_later() -> None:
+        time.sleep(0.8)
+        with serve_in_thread(create_app(server.grpc_url, explorer=False), port=int(url.rsplit(":", 1)[1])):
+            done.wait(60)
+
+    threading.Thread(target=door_later, daemon=True).start()
+    try:
+        with Client("cnn", "http", url, retries=8, retry_base_s=0.1, retry_max_s=0.5) as client:
+            assert client.infer(_real_images(1)[0])["logits"].shape == (1, 10)
+    finally:
+        done.set()
 
 
 # ------------------------------------------------------------------------------------------- CLIs
@@ -596,7 +760,7 @@ def test_client_cli_png_npy_and_samples(server, tmp_path, protocol):
         r = _run("-m", "serving.client", "--protocol", protocol, "--url", url, *args, env_extra=env)
         assert r.returncode == 1 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _run("-m", "serving.client", "--model", "cnn", "--url", f"127.0.0.1:{free_ports(1)[0]}", str(png),
-             "--protocol", protocol)
+             "--protocol", protocol, "--retries", "0")
     assert r.returncode == 1 and "not reachable" in r.stderr and "make serve" in r.stderr
 
 
