@@ -641,7 +641,10 @@ async function init() {
   const ready = infos.filter(i => i.config);
   if (ready.length > 1) select.append(el("option", { value: "*", text: `all ${ready.length} models` }));
   for (const i of infos) {
-    const why = i.error ? (i.error.status === 404 ? "not loaded" : i.error.status === 503 ? "unavailable" : "error") : "";
+    // 503: the front door knows the model (it is in the repository) but Triton cannot serve it now: not loaded
+    // here, being reloaded, or its stub restarting; 404: no such model on this server.
+    const why = i.error ? (i.error.status === 404 ? "not loaded" : i.error.status === 503 ? "not loaded, or loading"
+      : "error") : "";
     const opt = el("option", { value: i.name, text: why ? `${i.name} (${why})` : i.name });
     if (!i.config) opt.disabled = true;
     select.append(opt);
