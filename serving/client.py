@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from serving.cli import cli_error
+from serving.server import TRITON_RELOADING
 from training.tasks import output_kind
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
-# What a server says while it (or one model) restarts or reloads: worth the same request again shortly.
-# (Inference is idempotent: repeating it is safe.)
-TRANSIENT = re.compile(r"no available versions|is not ready|not healthy|stub process|unavailable", re.I)
+# Besides Triton's reloading answers (serving.server.TRITON_RELOADING), the front door's own 503 text. Inference
+# is idempotent: repeating it is safe.
+TRANSIENT = re.compile(rf"{TRITON_RELOADING.pattern}|unavailable", re.I)
 RETRY_STATUSES = {"StatusCode.UNAVAILABLE", "503"}
 
 

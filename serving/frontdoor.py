@@ -60,6 +60,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
 from serving.cli import cli_error
+from serving.server import TRITON_RELOADING
 
 DEFAULT_PORT = 8080
 DEFAULT_TRITON_GRPC = "127.0.0.1:8001"
@@ -89,9 +90,6 @@ GRPC_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND:
                grpc.StatusCode.DEADLINE_EXCEEDED: 504}
 RETRY_AFTER_S = 1  # a model reload or a stub restart takes about a second here; Triton's restart a few
 PROBE_TTL_S = 1.0  # /ready probes a model with a real inference at most this often
-# What Triton says about a model that exists but cannot answer right now (being loaded or unloaded, or its
-# python stub dead or restarting): retryable, unlike an unknown model.
-TRANSIENT = re.compile(r"no available versions|is not ready|not healthy|stub process|unloading|loading", re.I)
 
 
 class RequestError(Exception):
@@ -502,7 +500,7 @@ class Triton:
         if code == grpc.StatusCode.UNAVAILABLE and "connect" in msg.lower():
             return RequestError(503, f"triton at {self.url} is unavailable (restarting?): {msg}", RETRY_AFTER_S)
         transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL) \
-            and bool(TRANSIENT.search(msg))
+            and bool(TRITON_RELOADING.search(msg))
         # A version asked for by number that Triton does not have is unknown, the model's existence aside.
         if model and (transient or (code == grpc.StatusCode.NOT_FOUND and not version and self.known(model))):
             self.broken.add(model)

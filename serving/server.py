@@ -23,6 +23,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +43,10 @@ from serving import admin
 from serving.cli import cli_error
 
 EXIT_TIMEOUT_S = 5
+# What Triton says of a model that exists but cannot answer right now (being loaded or unloaded, its python stub
+# dead or restarting): worth the same request again shortly, unlike an unknown model. The front door and the
+# client both read Triton's answers with it.
+TRITON_RELOADING = re.compile(r"no available versions|is not ready|not healthy|stub process|unloading|loading", re.I)
 # Files the server and its stubs create (log, the stubs' __pycache__, onnxruntime's cache) are their owner's only.
 PRIVATE_UMASK = 0o077
 # The python backend's shared-memory regions hold every request's tensors, and boost::interprocess fchmods

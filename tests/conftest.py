@@ -48,14 +48,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 # ------------------------------------------------------------------ long work started when the session starts
-# The suite's two longest fixtures are training runs in subprocesses (the cheapest model retrained from scratch,
-# the user-image trees trained and exported). A module that defines ``start_early()`` has it called once its tests
-# are collected; it hands such work to ``early()``, which runs it in one background thread, at lower priority
-# (``early_process``), on the share of the 2 cores the serial tests leave idle (they use about 1.2 on average).
-# The module's fixture then waits for the result. Measured on a 2-core AVX-512 host: pytest 714 s -> 518 s
-# (the retraining 110 s, the user trees 140 s and the sweep 31 s now overlap the rest). pytest-xdist with two
-# workers was measured too and gained less (660 s): two workers oversubscribe the 2 cores (the retraining took
-# 373 s instead of 110 s).
+# The suite's longest fixtures are training runs in subprocesses (the cheapest model retrained from scratch,
+# the user-image trees trained and exported, the feedback sweep). A module that defines ``start_early()`` has it
+# called once its tests are collected; it hands such work to ``early()``, which runs it in one background thread,
+# at lower priority (``early_process``), on the share of the 2 cores the serial tests leave idle (they use about
+# 1.2 on average). The module's fixture then waits for the result. Measured on a 2-core AVX-512 host:
+# pytest 714 s -> 518 s (the retraining 110 s, the user trees 140 s and the sweep 31 s now overlap the rest).
+# pytest-xdist with two workers was measured too and gained less (660 s): two workers oversubscribe the 2 cores
+# (the retraining took 373 s instead of 110 s).
 _EARLY: dict[str, Future] = {}
 _EARLY_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early")  # one job at a time: 2 cores
 _EARLY_PROCESSES: list[subprocess.Popen] = []

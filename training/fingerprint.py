@@ -164,11 +164,12 @@ def cpu_capability() -> str:
 
 
 def isa_summary() -> str:
-    """One line for report headers: the CPU, the flags it has and the set torch uses, with any limit set."""
-    limits = ", ".join(f"{k}={v}" for k, v in isa_limits().items())
-    return (f"{_cpu_model()} ({platform.machine()}), torch kernels {cpu_capability()}, CPU flags "
-            f"{' '.join(cpu_kernel_flags()) or 'none of ' + '/'.join(KERNEL_FLAGS[:3])}"
-            + (f", held by {limits}" if limits else ""))
+    """One line for report headers, from ``host_fingerprint()``: the CPU, the flags it has and the set torch
+    uses, with any limit set."""
+    h = host_fingerprint()
+    limits = ", ".join(f"{k}={v}" for k, v in h["isa_limits"].items())
+    return (f"{h['cpu']} ({h['machine']}), torch kernels {h['cpu_capability']}, CPU flags "
+            f"{' '.join(h['cpu_flags']) or 'none'}" + (f", held by {limits}" if limits else ""))
 
 
 def isa_limits() -> dict[str, str]:
