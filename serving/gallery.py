@@ -167,12 +167,12 @@ def panels(row: Row) -> list[tuple[str, str, int]]:
 
 def prediction(row: Row, i: int) -> str:
     """The answer for image ``i``: the first rank-1 class output's top label, or a mask's classes."""
-    from training.tasks import _softmax
+    from scipy.special import softmax
 
     for name, kind in row.kinds.items():
         a = row.outputs[name][i]
         if kind in CLASS_KINDS and a.ndim == 1:
-            p = _softmax(a.astype(np.float64))
+            p = softmax(a.astype(np.float64))
             k = int(a.argmax())
             label = row.labels[k] if k < len(row.labels) else str(k)
             return f"{label} ({p[k]:.0%})"

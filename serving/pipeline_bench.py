@@ -54,9 +54,9 @@ def write_both(spec: Any, root: Path, graphs_from: Path) -> dict[str, str]:
         other = dataclasses.replace(spec, composition=Composition(kind, spec.composition.steps))
         cfg = rep.composition_config(other)
         cfg.name = triton
-        rep._write_text(layout.config_path(triton, root), rep.config_text(cfg))
+        rep.write_text(layout.config_path(triton, root), rep.config_text(cfg))
         if kind == "bls":
-            rep._copy(rep.BACKEND_PIPELINE_PY, layout.version_dir(triton, root) / layout.BACKEND_FILE)
+            rep.copy_file(rep.BACKEND_PIPELINE_PY, layout.version_dir(triton, root) / layout.BACKEND_FILE)
         else:
             layout.version_dir(triton, root).mkdir(parents=True, exist_ok=True)
     return names

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +28,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving.cli import cli_error
+from serving.modelconfig import (  # config_json, input_*, parse_config: re-exported as this module's API
+    RepositoryError,
+    add_tensors,
+    check_config,
+    client_parameters,
+    config_json,  # noqa: F401
+    config_text,
+    copy_file,
+    input_bounds,  # noqa: F401
+    input_ranges,  # noqa: F401
+    parse_config,  # noqa: F401
+    set_parameters,
+    triton_dtype,
+    write_text,
+)
 from training import layout
 
 if TYPE_CHECKING:
@@ -42,10 +56,6 @@ TARGETS = ("cpu", "gpu")
 BACKEND_DIR = Path(__file__).resolve().parent / "backend"
 BACKEND_MODEL_PY = BACKEND_DIR / "model.py"  # one graph, onnxruntime inside
 BACKEND_PIPELINE_PY = BACKEND_DIR / "pipeline.py"  # BLS: calls the composed graphs' models
-
-
-class RepositoryError(RuntimeError):
-    """A one-line problem with the repository (missing graph, invalid config)."""
 
 
 # ---------------------------------------------------------------------------------------------- specs
@@ -119,58 +129,6 @@ def find_deployable(triton_name: str, specs: Iterable[ModelSpec]) -> Deployable 
 # --------------------------------------------------------------------------------------------- config
 
 
-def _triton_dtype(dtype: str) -> int:
-    import numpy as np
-    from tritonclient.grpc import model_config_pb2 as mc
-    from tritonclient.utils import np_to_triton_dtype
-
-    t = np_to_triton_dtype(np.dtype(dtype))
-    return mc.DataType.Value("TYPE_STRING" if t == "BYTES" else f"TYPE_{t}")
-
-
-def input_bounds(inputs: Iterable[TensorSpec]) -> dict[str, dict[str, list[int]]]:
-    """{input: {per-sample axis index: [min, max]}} for every dynamic axis: the same range the TensorRT
-    profile allows. Written into each config (parameter ``input_bounds``): the backend enforces it and
-    clients read it."""
-    return {t.name: {str(i): [d.min, d.max] for i, d in t.dynamic.items()} for t in inputs if t.dynamic}
-
-
-def _add_tensors(cfg: Any, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec], optional: bool = True) -> None:
-    """``optional=False``: every input required (NVIDIA's native backends hand the graph only what the request
-    holds, and an exported graph needs all its inputs; the python backend fills in the defaults)."""
-    for t in inputs:
-        cfg.input.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape),
-                      optional=optional and t.optional)
-    for t in outputs:
-        cfg.output.add(name=t.name, data_type=_triton_dtype(t.dtype), dims=list(t.shape))
-
-
-def _set_parameters(cfg: Any, params: dict[str, str]) -> None:
-    for k, v in params.items():
-        cfg.parameters[k].string_value = v
-
-
-def input_ranges(inputs: Iterable[TensorSpec]) -> dict[str, list[float]]:
-    """{integer input: [min, max]}: the values an integer input (a class index, say) may take. Enforced by the
-    backend, since an index outside it would make the graph gather out of range."""
-    import numpy as np
-
-    return {t.name: list(t.value_range) for t in inputs if np.dtype(t.dtype).kind in "iu"}
-
-
-def _client_parameters(spec: ModelSpec, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> dict:
-    """What clients (and the backend) read from a config: how to present each output, the inputs' bounds and
-    value ranges, the optional inputs' defaults, a description."""
-    inputs = tuple(inputs)
-    return {
-        "output_kinds": json.dumps({t.name: t.kind for t in outputs}),
-        "input_bounds": json.dumps(input_bounds(inputs)),
-        "input_ranges": json.dumps(input_ranges(inputs)),
-        "input_defaults": json.dumps({t.name: t.default for t in inputs if t.optional}),
-        "description": spec.description,
-    }
-
-
 def graph_config(spec: ModelSpec, graph: GraphSpec | None = None, target: str = "cpu", *,
                  dynamic_batching: bool = True, platform: str | None = None,
                  max_batch_size: int | None = None) -> Any:
@@ -192,7 +150,7 @@ def graph_config(spec: ModelSpec, graph: GraphSpec | None = None, target: str = 
     else:
         cfg.platform = platform or "onnxruntime_onnx"
         cfg.default_model_filename = layout.PLAN_FILE if cfg.platform == "tensorrt_plan" else layout.ONNX_FILE
-    _add_tensors(cfg, graph.inputs, graph.outputs, optional=target == "cpu")
+    add_tensors(cfg, graph.inputs, graph.outputs, optional=target == "cpu")
     if dynamic_batching:
         cfg.dynamic_batching.preferred_batch_size.extend(b for b in so.preferred_batch_sizes if b <= mbs)
         cfg.dynamic_batching.max_queue_delay_microseconds = so.max_queue_delay_us
@@ -202,13 +160,13 @@ def graph_config(spec: ModelSpec, graph: GraphSpec | None = None, target: str = 
     for batch in sorted({1, max(b for b in (*so.preferred_batch_sizes, 1) if b <= mbs)}):
         w = cfg.model_warmup.add(name=f"batch{batch}_opt", batch_size=batch)
         for t in graph.inputs:
-            w.inputs[t.name].data_type = _triton_dtype(t.dtype)
+            w.inputs[t.name].data_type = triton_dtype(t.dtype)
             w.inputs[t.name].dims.extend(t.concrete())  # dynamic axes at their opt size (the profile's)
             w.inputs[t.name].zero_data = True  # random_data is random bytes: NaNs in FP32
     # Read by the generic backend (file, threads, bounds) and by clients (how to present each output).
-    _set_parameters(cfg, {"onnx_file": layout.ONNX_FILE,
-                          "intra_op_threads": str(so.intra_op_threads),  # 0: usable cores / instances
-                          **_client_parameters(spec, graph.inputs, graph.outputs)})
+    set_parameters(cfg, {"onnx_file": layout.ONNX_FILE,
+                         "intra_op_threads": str(so.intra_op_threads),  # 0: usable cores / instances
+                         **client_parameters(spec, graph.inputs, graph.outputs)})
     return cfg
 
 
@@ -227,7 +185,7 @@ def composition_config(spec: ModelSpec, target: str = "cpu", suffix: str = "") -
         raise RepositoryError(f"model {spec.name!r} has no composition")
     graphs = {g.name: g for g in spec.deploy_graphs()}
     cfg = mc.ModelConfig(name=spec.name + suffix, max_batch_size=spec.serving.max_batch_size)
-    _add_tensors(cfg, spec.inputs, spec.outputs)
+    add_tensors(cfg, spec.inputs, spec.outputs)
     # ``suffix``: a variant's composition calls the same variant of every graph (``_int8`` -> ``<graph>_int8``).
     steps = [{"model": spec.graph_model_name(graphs[s.graph]) + suffix, "input_map": s.input_map,
               "output_map": s.output_map} for s in comp.steps]
@@ -241,8 +199,8 @@ def composition_config(spec: ModelSpec, target: str = "cpu", suffix: str = "") -
         cfg.backend = "python"
         kind = mc.ModelInstanceGroup.KIND_CPU if target == "cpu" else mc.ModelInstanceGroup.KIND_GPU
         cfg.instance_group.add(count=spec.serving.instance_count, kind=kind)
-        _set_parameters(cfg, {"steps": json.dumps(steps)})
-    _set_parameters(cfg, _client_parameters(spec, spec.inputs, spec.outputs))
+        set_parameters(cfg, {"steps": json.dumps(steps)})
+    set_parameters(cfg, client_parameters(spec, spec.inputs, spec.outputs))
     return cfg
 
 
@@ -254,60 +212,21 @@ def intra_op_threads(cfg: Any) -> int:
     return rule(int(cfg.parameters["intra_op_threads"].string_value or 0), instances)
 
 
-def config_text(cfg: Any) -> str:
-    from google.protobuf import text_format
-
-    return text_format.MessageToString(cfg)
-
-
-def config_json(cfg: Any) -> str:
-    """The JSON form Triton's ``load_model(config=...)`` override takes."""
-    from google.protobuf import json_format
-
-    return json_format.MessageToJson(cfg, preserving_proto_field_name=True)
-
-
-def parse_config(text: str, source: str = "config.pbtxt") -> Any:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    try:
-        return text_format.Parse(text, mc.ModelConfig())
-    except text_format.ParseError as e:
-        raise RepositoryError(f"{source}: not a valid Triton model config: {e}") from None
-
-
 def validate_config(text: str, deployable: Deployable | None = None, source: str = "config.pbtxt") -> Any:
     """Parse with Triton's protobuf and check it agrees with the spec; returns the ``ModelConfig``."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    cfg = parse_config(text, source)
+    cfg = check_config(text, source)
 
     def fail(msg: str) -> None:
         raise RepositoryError(f"{source}: {msg}")
 
-    if not cfg.name:
-        fail("no model name")
-    if not cfg.backend and not cfg.platform:
-        fail("neither backend nor platform is set")
-    if cfg.max_batch_size < 1:
-        fail(f"max_batch_size must be >= 1, got {cfg.max_batch_size}")
-    for b in cfg.dynamic_batching.preferred_batch_size:
-        if not 1 <= b <= cfg.max_batch_size:
-            fail(f"preferred batch size {b} outside 1..{cfg.max_batch_size}")
-    if not cfg.instance_group and cfg.platform != "ensemble":
-        fail("no instance_group")
-    if cfg.platform == "ensemble" and not cfg.ensemble_scheduling.step:
-        fail("an ensemble without steps")
-    for w in cfg.model_warmup:
-        if set(w.inputs) != {i.name for i in cfg.input}:
-            fail(f"warmup {w.name!r} does not feed exactly the model's inputs")
     if deployable is not None:
         if base_name(cfg.name) != deployable.triton_name:
             fail(f"model name {cfg.name!r} does not match {deployable.triton_name!r}")
         for kind, got, want in (("input", cfg.input, deployable.inputs), ("output", cfg.output, deployable.outputs)):
             got_t = [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in got]
-            want_t = [(t.name, mc.DataType.Name(_triton_dtype(t.dtype)), list(t.shape)) for t in want]
+            want_t = [(t.name, mc.DataType.Name(triton_dtype(t.dtype)), list(t.shape)) for t in want]
             if got_t != want_t:
                 fail(f"{kind}s {got_t} do not match the spec's {want_t}")
     return cfg
@@ -316,18 +235,11 @@ def validate_config(text: str, deployable: Deployable | None = None, source: str
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # atomic: a server polling the repository never reads half a config
-
-
 def _write_config(cfg: Any, deployable: Deployable, root: Path) -> Path:
     path = layout.config_path(cfg.name, root)
     text = config_text(cfg)
     validate_config(text, deployable, source=str(path))
-    _write_text(path, text)
+    write_text(path, text)
     return path
 
 
@@ -380,7 +292,7 @@ def _write_composition(spec: ModelSpec, d: Deployable, target: str, root: Path, 
     if cfg.platform == "ensemble":
         layout.version_dir(cfg.name, root).mkdir(parents=True, exist_ok=True)  # Triton requires it
     else:
-        written.append(_copy(BACKEND_PIPELINE_PY, layout.version_dir(cfg.name, root) / layout.BACKEND_FILE))
+        written.append(copy_file(BACKEND_PIPELINE_PY, layout.version_dir(cfg.name, root) / layout.BACKEND_FILE))
     return written
 
 
@@ -412,7 +324,7 @@ def _serve_variant(spec: ModelSpec, d: Deployable, cfg: Any, variant: str, root:
         raise RepositoryError(f"model {spec.name!r}: best variant {variant} has no graph at {src}")
     cfg.parameters["onnx_file"].string_value = VARIANT_FILE[variant]
     cfg.parameters["variant"].string_value = variant
-    return [_copy(src, layout.version_dir(d.triton_name, root) / VARIANT_FILE[variant])]
+    return [copy_file(src, layout.version_dir(d.triton_name, root) / VARIANT_FILE[variant])]
 
 
 def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None,
@@ -439,18 +351,18 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
             written += _serve_variant(spec, d, cfg, variant, root)
         written.append(_write_config(cfg, d, root))
         if target == "cpu":
-            written.append(_copy(BACKEND_MODEL_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
+            written.append(copy_file(BACKEND_MODEL_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
         if int8:  # the int8 graph, served by the same generic backend under "<name>_int8"
             cfg = graph_config(spec, d.graph, target)
             cfg.name = f"{d.triton_name}{INT8_SUFFIX}"
             written.append(_write_config(cfg, d, root))
             if target == "cpu":
-                written.append(_copy(BACKEND_MODEL_PY, layout.version_dir(cfg.name, root) / layout.BACKEND_FILE))
+                written.append(copy_file(BACKEND_MODEL_PY, layout.version_dir(cfg.name, root) / layout.BACKEND_FILE))
         plan = layout.plan_path(d.triton_name, root)
         if target == "gpu" and _servable_plan(plan):
             # Triton serves one platform per model: the engine becomes a sibling model "<name>_trt".
             trt_name = f"{d.triton_name}{TRT_SUFFIX}"
-            written.append(_copy(plan, layout.plan_path(trt_name, root)))
+            written.append(copy_file(plan, layout.plan_path(trt_name, root)))
             cfg = graph_config(spec, d.graph, target, platform="tensorrt_plan",
                                max_batch_size=min(spec.serving.max_batch_size, spec.export.profile_batch[2]))
             cfg.name = trt_name
@@ -460,12 +372,6 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
 
         written += write_image_models(spec, root)
     return written
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    return dst
 
 
 def _exported(spec: ModelSpec, root: Path) -> bool:
@@ -535,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only validate the existing configs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    if args.models:
+        from training.cli import model_names
+
+        if model_names([m for m in args.models if m != FLOOR_MODEL] or ["all"]) is None:
+            return 2  # an unknown model: one line, the exit status of every command
     try:
         if args.check:
             names = check_repository(args.repo)

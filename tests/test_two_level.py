@@ -182,8 +182,8 @@ def served(trained, graphs):
     rep.write_model(spec, "cpu", repo)
     cfg = rep.composition_config(_bls(spec))
     cfg.name = f"{spec.name}_bls"
-    rep._write_text(layout.config_path(cfg.name, repo), rep.config_text(cfg))
-    rep._copy(rep.BACKEND_PIPELINE_PY, layout.version_dir(cfg.name, repo) / layout.BACKEND_FILE)
+    rep.write_text(layout.config_path(cfg.name, repo), rep.config_text(cfg))
+    rep.copy_file(rep.BACKEND_PIPELINE_PY, layout.version_dir(cfg.name, repo) / layout.BACKEND_FILE)
     http, grpc, metrics = free_ports(3)
     with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True) as server:
         yield server
