@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 
 from serving.cli import cli_error
 from serving.server import TRITON_RELOADING
+from training.images import ImageError, ImagePreprocess
 
 DEFAULT_PORT = 8080
 DEFAULT_TRITON_GRPC = "127.0.0.1:8001"
@@ -88,6 +89,11 @@ EXPLORER_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'sel
 GRPC_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+# A request whose image files decode to more pixels than this is "large": large ones take turns, one per model at
+# a time (the lane, shared by the HTTP and gRPC surfaces), so that a stream of them occupies one preprocessing
+# instance and small requests keep the others. Waiting longer than LANE_WAIT_S for a turn gets 503 + Retry-After.
+LARGE_REQUEST_PIXELS = 2_000_000
+LANE_WAIT_S = 30.0
 RETRY_AFTER_S = 1  # a model reload or a stub restart takes about a second here; Triton's restart a few
 PROBE_TTL_S = 1.0  # /ready probes a model with a real inference at most this often
 
@@ -101,14 +107,14 @@ class RequestError(Exception):
         self.status, self.retry_after = status, retry_after
 
 
-def _one_line(text: str, limit: int = 400) -> str:
+def one_line(text: str, limit: int = 400) -> str:
     line = " ".join((text or "").split("\n\nAt:")[0].split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": _one_line(message)}, status_code=status, headers=headers)
+    return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
 def _bad(message: str) -> RequestError:
@@ -143,6 +149,7 @@ class ModelRules:
     max_batch_size: int
     inputs: dict[str, InputRule]
     outputs: tuple[str, ...]
+    preprocess: ImagePreprocess | None = None  # a model of encoded image files: its decode limits
 
     @staticmethod
     def from_config(cfg: Any) -> ModelRules:
@@ -158,7 +165,12 @@ class ModelRules:
             bounds = {}  # a malformed parameter: Triton's own checks still apply
         inputs = {i.name: InputRule(i.name, dtype(i.data_type), tuple(int(d) for d in i.dims),
                                     bounds.get(i.name, {}), bool(i.optional)) for i in cfg.input}
-        return ModelRules(cfg.name, int(cfg.max_batch_size), inputs, tuple(o.name for o in cfg.output))
+        try:
+            text = cfg.parameters["preprocess"].string_value if "preprocess" in cfg.parameters else ""
+            preprocess = ImagePreprocess.from_json(text) if text else None
+        except (ValueError, TypeError, KeyError):
+            preprocess = None  # the backend still applies its own limits
+        return ModelRules(cfg.name, int(cfg.max_batch_size), inputs, tuple(o.name for o in cfg.output), preprocess)
 
 
 @dataclass
@@ -182,6 +194,7 @@ class Parsed:
     outputs: list[Output] = field(default_factory=list)
     binary_output: bool = False
     request_id: str = ""
+    decode_pixels: int = 0  # what the request's image files will cost to decode (0: no image files)
 
 
 # ---------------------------------------------------------------------------------- request parsing
@@ -203,7 +216,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     try:
         request = json.loads(head, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise _bad(f"request body is not valid JSON: {_one_line(str(e), 120)}") from None
+        raise _bad(f"request body is not valid JSON: {one_line(str(e), 120)}") from None
     if not isinstance(request, dict):
         raise _bad("request body must be a JSON object with 'inputs'")
     return request, tail
@@ -219,7 +232,7 @@ def _flatten(data: list, rank: int, where: str) -> list:
     return data
 
 
-def _json_raw(flat: list, datatype: str, where: str) -> bytes:
+def values_raw(flat: list, datatype: str, where: str) -> bytes:
     kinds = set(map(type, flat))
     if datatype == "BYTES":
         if not kinds <= {str}:
@@ -244,12 +257,12 @@ def _json_raw(flat: list, datatype: str, where: str) -> bytes:
             else:
                 arr = np.asarray(flat, dtype=np_type)
     except (OverflowError, ValueError, TypeError) as e:
-        raise _bad(f"{where} ({datatype}): {_one_line(str(e), 120)}") from None
-    _check_finite(arr, datatype, where)
+        raise _bad(f"{where} ({datatype}): {one_line(str(e), 120)}") from None
+    check_finite(arr, datatype, where)
     return arr.tobytes()
 
 
-def _check_finite(arr: np.ndarray, datatype: str, where: str) -> None:
+def check_finite(arr: np.ndarray, datatype: str, where: str) -> None:
     if datatype == "BF16":
         bad = int(np.count_nonzero((arr.view(np.uint16) & 0x7F80) == 0x7F80))
     elif datatype.startswith("FP"):
@@ -276,12 +289,12 @@ def binary_raw(tail: memoryview, offset: int, size: int, count: int, datatype: s
     if size != count * ITEM_SIZE[datatype]:
         raise _bad(f"{where} ({datatype}): binary_data_size {size} != {count} elements x {ITEM_SIZE[datatype]} bytes")
     if datatype in ("BF16", "FP16", "FP32", "FP64"):
-        _check_finite(np.frombuffer(raw, dtype=np.uint16 if datatype == "BF16" else NUMPY_TYPES[datatype]),
+        check_finite(np.frombuffer(raw, dtype=np.uint16 if datatype == "BF16" else NUMPY_TYPES[datatype]),
                       datatype, where)
     return bytes(raw)
 
 
-def _check_shape(rules: ModelRules, rule: InputRule, shape: object, where: str) -> list[int]:
+def check_shape(rules: ModelRules, rule: InputRule, shape: object, where: str) -> list[int]:
     batched = rules.max_batch_size > 0
     want = len(rule.dims) + batched
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
@@ -346,22 +359,13 @@ def parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
     if not isinstance(items, list) or not items:
         raise _bad(f"model '{m}': 'inputs' must be a non-empty list (inputs: {', '.join(rules.inputs)})")
     outputs, binary_all = _parse_outputs(request, rules)
-    view, offset, tensors, batch = memoryview(tail), 0, [], set()
+    view, offset, tensors = memoryview(tail), 0, []
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise _bad(f"model '{m}': each input must be an object with a 'name'")
-        name = item["name"]
-        where = f"model '{m}': input '{name[:80]}'"
-        rule = rules.inputs.get(name)
-        if rule is None:
-            raise _bad(f"model '{m}' has no input {name[:80]!r} (inputs: {', '.join(rules.inputs)})")
-        if name in {t.name for t in tensors}:
-            raise _bad(f"{where} sent twice")
-        datatype = item.get("datatype")
-        if datatype != rule.datatype:
-            raise _bad(f"{where}: datatype {str(datatype)[:20]!r}, the model takes {rule.datatype}")
-        shape = _check_shape(rules, rule, item.get("shape"), where)
-        count = math.prod(shape)
+        where, shape, count = check_input(rules, item["name"], item.get("datatype"), item.get("shape"),
+                                          {t.name for t in tensors})
+        datatype = item["datatype"]
         params = item.get("parameters", {})
         if not isinstance(params, dict):
             raise _bad(f"{where}: 'parameters' must be an object")
@@ -382,18 +386,62 @@ def parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
             flat = _flatten(data, len(shape), where)
             if len(flat) != count:
                 raise _bad(f"{where} shape {shape} ({datatype}): needs {count} values, 'data' holds {len(flat)}")
-            raw = _json_raw(flat, datatype, f"{where} shape {shape}")
-        if rules.max_batch_size > 0:
-            batch.add(shape[0])
-        tensors.append(Tensor(name, datatype, shape, raw))
-    missing = [n for n, r in rules.inputs.items() if not r.optional and n not in {t.name for t in tensors}]
-    if missing:
-        raise _bad(f"model '{m}': missing input(s) {', '.join(missing)}")
-    if len(batch) > 1:
-        raise _bad(f"model '{m}': inputs disagree on the batch size ({sorted(batch)})")
+            raw = values_raw(flat, datatype, f"{where} shape {shape}")
+        tensors.append(Tensor(item["name"], datatype, shape, raw))
+    pixels = check_complete(rules, tensors)
     if offset != len(tail):
         raise _bad(f"model '{m}': {len(tail) - offset} bytes of binary data beyond the inputs' binary_data_size")
-    return Parsed(tensors, outputs, binary_all, rid)
+    return Parsed(tensors, outputs, binary_all, rid, pixels)
+
+
+def check_input(rules: ModelRules, name: str, datatype: object, shape: object,
+                seen: set[str]) -> tuple[str, list[int], int]:
+    """One input's name, datatype and shape against the model's rules, before any of its data is looked at
+    (every protocol the front door speaks goes through here); returns (how to name it, shape, element count)."""
+    m = rules.name
+    where = f"model '{m}': input '{name[:80]}'"
+    rule = rules.inputs.get(name)
+    if rule is None:
+        raise _bad(f"model '{m}' has no input {name[:80]!r} (inputs: {', '.join(rules.inputs)})")
+    if name in seen:
+        raise _bad(f"{where} sent twice")
+    if datatype != rule.datatype:
+        raise _bad(f"{where}: datatype {str(datatype)[:20]!r}, the model takes {rule.datatype}")
+    shape = check_shape(rules, rule, shape, where)
+    return where, shape, math.prod(shape)
+
+
+def check_complete(rules: ModelRules, tensors: list[Tensor]) -> int:
+    """Every required input sent, all with one batch size, image files within their decode budget (read from
+    their headers; nothing is decoded). Returns the pixels the image files will cost to decode (0: none)."""
+    names = {t.name for t in tensors}
+    missing = [n for n, r in rules.inputs.items() if not r.optional and n not in names]
+    if missing:
+        raise _bad(f"model '{rules.name}': missing input(s) {', '.join(missing)}")
+    batch = {t.shape[0] for t in tensors} if rules.max_batch_size > 0 else set()
+    if len(batch) > 1:
+        raise _bad(f"model '{rules.name}': inputs disagree on the batch size ({sorted(batch)})")
+    if rules.preprocess is None:
+        return 0
+    pixels = 0
+    for t in tensors:
+        if t.datatype == "BYTES":
+            try:
+                pixels += rules.preprocess.check_request(bytes_elements(t.raw),
+                                                         source=f"model '{rules.name}': input '{t.name}'")
+            except ImageError as e:
+                raise _bad(str(e)) from None
+    return pixels
+
+
+def bytes_elements(raw: bytes) -> list[bytes]:
+    """A BYTES tensor's elements (4-byte little-endian length, then the bytes; checked by binary_raw)."""
+    out, pos = [], 0
+    while pos + 4 <= len(raw):
+        n = struct.unpack_from("<I", raw, pos)[0]
+        out.append(raw[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
 
 
 def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -418,12 +466,7 @@ def decode_body(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 def json_values(raw: bytes, datatype: str) -> list:
     if datatype == "BYTES":
-        out, pos = [], 0
-        while pos + 4 <= len(raw):
-            n = struct.unpack_from("<I", raw, pos)[0]
-            out.append(raw[pos + 4:pos + 4 + n].decode(errors="replace"))
-            pos += 4 + n
-        return out
+        return [b.decode(errors="replace") for b in bytes_elements(raw)]
     if datatype == "BF16":
         return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).tolist()
     return np.frombuffer(raw, NUMPY_TYPES[datatype]).tolist()
@@ -466,6 +509,25 @@ def _dims_to_int(node: Any) -> Any:
 # -------------------------------------------------------------------------------------- Triton (gRPC)
 
 
+_LANES: dict[str, threading.Semaphore] = {}
+_LANES_LOCK = threading.Lock()
+
+
+@contextlib.asynccontextmanager
+async def large_request_lane(model: str) -> Any:
+    """One large-image request per model at a time, across event loops (a thread semaphore, waited for off the
+    loop); 503 + Retry-After when the turn does not come within LANE_WAIT_S."""
+    with _LANES_LOCK:
+        lane = _LANES.setdefault(model, threading.Semaphore(1))
+    if not await asyncio.to_thread(lane.acquire, True, LANE_WAIT_S):
+        raise RequestError(503, f"model '{model}': busy with large-image requests (over {LARGE_REQUEST_PIXELS} "
+                                "decoded pixels each, one at a time); retry", RETRY_AFTER_S)
+    try:
+        yield
+    finally:
+        lane.release()
+
+
 class Triton:
     """Triton's gRPC API and a short-lived cache of model rules; create inside the serving event loop.
 
@@ -473,8 +535,10 @@ class Triton:
     its python stub dead) is refused with 503 + Retry-After, never 404, and is counted in ``broken`` until
     it answers again."""
 
-    def __init__(self, url: str, timeout: float = 30.0, repository: Path | None = None) -> None:
+    def __init__(self, url: str, timeout: float = 30.0, repository: Path | None = None,
+                 large_request_pixels: int | None = LARGE_REQUEST_PIXELS) -> None:
         self.url, self.timeout, self.repository = url, timeout, repository
+        self.large_request_pixels = large_request_pixels  # None: no lane (every request decodes at once)
         self.channel = grpc.aio.insecure_channel(url, options=GRPC_OPTIONS)
         self.stub = pbg.GRPCInferenceServiceStub(self.channel)
         self._rules: dict[tuple[str, str], tuple[float, ModelRules]] = {}
@@ -526,6 +590,12 @@ class Triton:
         return rules
 
     async def infer(self, model: str, version: str, parsed: Parsed) -> Any:
+        if self.large_request_pixels is not None and parsed.decode_pixels > self.large_request_pixels:
+            async with large_request_lane(model):
+                return await self._infer(model, version, parsed)
+        return await self._infer(model, version, parsed)
+
+    async def _infer(self, model: str, version: str, parsed: Parsed) -> Any:
         req = pb.ModelInferRequest(model_name=model, model_version=version, id=parsed.request_id)
         for t in parsed.inputs:
             req.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
@@ -618,16 +688,20 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT_BODY_LIMIT,
                timeout: float = 30.0, *, explorer: bool = True,
-               model_repository: str | Path | None = None) -> FastAPI:
+               model_repository: str | Path | None = None,
+               status: Callable[[], dict[str, Any]] | None = None,
+               large_request_pixels: int | None = LARGE_REQUEST_PIXELS) -> FastAPI:
     """The front door; with ``explorer`` also the explorer page at /explorer/, listing the ``<name>_image``
-    models of ``model_repository`` (default: ``training.layout.repository_root()``)."""
+    models of ``model_repository`` (default: ``training.layout.repository_root()``). ``status``: the supervisor's
+    (``serving.server.Supervisor.status``), shown at ``GET /status`` and making /v2/health/ready 503 with its reason
+    while Triton is down or restarting."""
     state: dict[str, Triton] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
         from training import layout
 
-        state["triton"] = Triton(triton_grpc, timeout, layout.repository_root(model_repository))
+        state["triton"] = Triton(triton_grpc, timeout, layout.repository_root(model_repository), large_request_pixels)
         yield
         await state["triton"].close()
 
@@ -651,15 +725,13 @@ def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT
         ok = (await state["triton"].call("ServerLive", pb.ServerLiveRequest())).live
         return Response(status_code=200) if ok else _error(503, "triton is not live")
 
+    if status is not None:
+        app.add_api_route("/status", status, methods=["GET"])
+
     @app.get("/v2/health/ready", responses={503: {"model": ErrorBody}})
     async def ready() -> Response:
-        triton = state["triton"]
-        if not (await triton.call("ServerReady", pb.ServerReadyRequest())).ready:
-            return _error(503, "triton is not ready", RETRY_AFTER_S)
-        for model in sorted(triton.broken):  # ready again once each answers (a probe at most every second)
-            if await triton.probe(model) is not None:
-                return _error(503, f"model '{model}' is not answering (loading or restarting)", RETRY_AFTER_S)
-        return Response(status_code=200)
+        why = await not_ready(state["triton"], status)
+        return Response(status_code=200) if why is None else _error(503, why, RETRY_AFTER_S)
 
     @app.get("/v2")
     async def server_metadata() -> dict:
@@ -721,6 +793,21 @@ def create_app(triton_grpc: str = DEFAULT_TRITON_GRPC, body_limit: int = DEFAULT
     if explorer and EXPLORER_DIR.is_dir():
         _mount_explorer(app, model_repository, body_limit)
     return app
+
+
+async def not_ready(triton: Triton, status: Callable[[], dict[str, Any]] | None = None) -> str | None:
+    """None when Triton is ready and every model that failed to answer answers again (a probe at most every
+    second); else why not (the supervisor's state first, where there is one)."""
+    st = status() if status is not None else {"state": "serving"}
+    if st["state"] != "serving":
+        return (f"tritonserver is {st['state']} (restarts {st.get('restarts')}, crashes in a row "
+                f"{st.get('crashes_in_a_row')}, last: {st.get('last_reason')})")
+    if not (await triton.call("ServerReady", pb.ServerReadyRequest())).ready:
+        return "triton is not ready"
+    for model in sorted(triton.broken):
+        if await triton.probe(model) is not None:
+            return f"model '{model}' is not answering (loading or restarting)"
+    return None
 
 
 class _ExplorerFiles(StaticFiles):

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 FILE_INPUT = "image_file"
 LABELS_FILE = "labels.txt"
 IMAGE_TENSOR = "_decoded_image"  # the ensemble's internal tensor between the two steps
+PREPROCESS_INSTANCES = 2  # see preprocess_config
 BACKEND_PREPROCESS_PY = Path(__file__).resolve().parent / "backend" / "preprocess.py"
 
 
@@ -52,32 +53,35 @@ def _labelled(t: TensorSpec) -> bool:
 def preprocess_config(spec: ModelSpec) -> Any:
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from serving.repository import _add_tensors, _set_parameters
+    from serving.modelconfig import add_tensors, set_parameters
 
     pre = spec.image_preprocess()
     image = spec.image_input
     cfg = mc.ModelConfig(name=preprocess_model_name(spec), max_batch_size=spec.serving.max_batch_size,
                          backend="python")
     out = image.__class__(image.name, (pre.channels, pre.size, pre.size), "float32", "image", image.description)
-    _add_tensors(cfg, [file_input()], [out])
+    add_tensors(cfg, [file_input()], [out])
     cfg.dynamic_batching.max_queue_delay_microseconds = spec.serving.max_queue_delay_us
-    # Decoding runs on the CPU on any host; one instance per core would compete with the model's threads.
-    cfg.instance_group.add(count=spec.serving.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    # Decoding runs on the CPU on any host. Two instances at least: the front door lets one large-image request
+    # per model decode at a time (its lane), so a stream of them holds one instance and small requests keep the
+    # other (reports/reliability.md measures it); more would compete with the model's own threads.
+    cfg.instance_group.add(count=max(PREPROCESS_INSTANCES, spec.serving.instance_count),
+                           kind=mc.ModelInstanceGroup.KIND_CPU)
     cfg.version_policy.latest.num_versions = 1
-    _set_parameters(cfg, {"preprocess": pre.to_json(),
-                          "description": f"encoded image files -> {spec.name}'s input '{image.name}'"})
+    set_parameters(cfg, {"preprocess": pre.to_json(),
+                         "description": f"encoded image files -> {spec.name}'s input '{image.name}'"})
     return cfg
 
 
 def image_config(spec: ModelSpec) -> Any:
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from serving.repository import _add_tensors, _client_parameters, _set_parameters
+    from serving.modelconfig import add_tensors, client_parameters, set_parameters
 
     image = spec.image_input
     cfg = mc.ModelConfig(name=image_model_name(spec), max_batch_size=spec.serving.max_batch_size,
                          platform="ensemble")
-    _add_tensors(cfg, [file_input()], spec.outputs)
+    add_tensors(cfg, [file_input()], spec.outputs)
     for o in cfg.output:
         t = next(t for t in spec.outputs if t.name == o.name)
         if _labelled(t):
@@ -88,9 +92,9 @@ def image_config(spec: ModelSpec) -> Any:
     second = cfg.ensemble_scheduling.step.add(model_name=spec.name, model_version=-1)
     second.input_map[image.name] = IMAGE_TENSOR
     second.output_map.update({t.name: t.name for t in spec.outputs})
-    params = _client_parameters(spec, [file_input()], spec.outputs)
+    params = client_parameters(spec, [file_input()], spec.outputs)
     params["preprocess"] = spec.image_preprocess().to_json()
-    _set_parameters(cfg, params)
+    set_parameters(cfg, params)
     return cfg
 
 
@@ -103,7 +107,7 @@ def labels_text(spec: ModelSpec) -> str | None:
 
 def write_image_models(spec: ModelSpec, root: Path) -> list[Path]:
     """``<name>_preprocess`` and ``<name>_image`` for ``spec`` (nothing for a model without an image input)."""
-    from serving.repository import _copy, _write_text, config_text, validate_config
+    from serving.modelconfig import check_config, config_text, copy_file, write_text
 
     if not has_image_models(spec):
         return []
@@ -111,16 +115,16 @@ def write_image_models(spec: ModelSpec, root: Path) -> list[Path]:
     for cfg in (preprocess_config(spec), image_config(spec)):
         path = layout.config_path(cfg.name, root)
         text = config_text(cfg)
-        validate_config(text, None, source=str(path))
-        _write_text(path, text)
+        check_config(text, source=str(path))
+        write_text(path, text)
         written.append(path)
         layout.version_dir(cfg.name, root).mkdir(parents=True, exist_ok=True)
-    written.append(_copy(BACKEND_PREPROCESS_PY,
-                         layout.version_dir(preprocess_model_name(spec), root) / layout.BACKEND_FILE))
+    written.append(copy_file(BACKEND_PREPROCESS_PY,
+                             layout.version_dir(preprocess_model_name(spec), root) / layout.BACKEND_FILE))
     labels = labels_text(spec)
     if labels:
         path = layout.model_dir(image_model_name(spec), root) / LABELS_FILE
-        _write_text(path, labels)
+        write_text(path, labels)
         written.append(path)
     return written
 

@@ -8,6 +8,11 @@ real tritonserver with a real front door, on the exported ``cnn`` (or an untrain
 3. Recovery: a killed python stub (found by the probe, healed by a reload) and a killed server (the
    HTTP request that aborts tritonserver 2.51, restarted by the supervisor): seconds until it serves again.
 4. Memory (RSS of the server and its stubs) after warm-up and after the long run.
+5. The stack as `make serve` runs it (``serving.reliability_stack``): another local user (uid 65534) trying
+   every way in, 100+ killer requests to every port it reaches, 10 SIGKILLs of tritonserver in 2 minutes, and
+   small-image latency beside a stream of maximal images before and after the large-request lane.
+Parts 1-4 talk to Triton's own loopback ports, which `make serve` no longer exposes: they show what the front
+door and the private socket keep away.
 """
 
 from __future__ import annotations
@@ -192,7 +197,7 @@ def _repository(tmp: Path, untrained: bool) -> Path:
     return repo
 
 
-def run(n_load: int, long_requests: int, untrained: bool, log=print) -> dict[str, Any]:
+def run(n_load: int, long_requests: int, untrained: bool, log=print, stack: bool = True) -> dict[str, Any]:
     from serving.frontdoor import create_app, serve_in_thread
     from serving.server import TritonServer, free_ports
     from training.data import test_images
@@ -217,7 +222,25 @@ def run(n_load: int, long_requests: int, untrained: bool, log=print) -> dict[str
                 report["stub_kill"] = stub_kill(server)
                 log("server kill ...")
                 report["server_kill"] = server_kill(server)
+        if stack:
+            report["stack"] = stack_run(repo, log)
     return report
+
+
+def stack_run(repo: Path, log=print) -> dict[str, Any]:
+    from serving import reliability_stack as rs
+    from training import layout
+
+    models = sorted(p.parent.name for p in repo.glob(f"*/{layout.CONFIG_FILE}"))
+    out: dict[str, Any] = {}
+    with rs.running_stack(repo, models) as stack:
+        log("the stack, as uid 65534: every way in, the killer requests 8 times ...")
+        out["local_user"] = rs.local_user_attack(stack, MODEL, repeat=8)
+        log("the stack: 10 SIGKILLs of tritonserver in 2 minutes ...")
+        out["sigkills"] = rs.sigkill_storm(stack, kills=10, within_s=120)
+    log("large images beside small ones, before and after the lane ...")
+    out["isolation"] = rs.isolation(repo, MODEL)
+    return out
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
@@ -254,6 +277,10 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
               "", "## Memory", "",
               f"RSS of the server and its stubs: {report['rss_after_warmup_mb']} MB after warm-up, "
               f"{report['rss_after_long_run_mb']} MB after the long run."]
+    if "stack" in report:
+        from serving.reliability_stack import report_lines
+
+        lines += report_lines(report["stack"])
     path = out_dir / "reliability.md"
     path.write_text(with_host_line("\n".join(lines) + "\n"))
     return path
@@ -267,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", type=int, default=20000, help="requests in the long run (memory)")
     p.add_argument("--untrained", action="store_true", help="export an untrained cnn instead of using make export's")
     p.add_argument("--out", type=Path, default=None, help="report folder (default reports/)")
+    p.add_argument("--no-stack", action="store_true", help="skip part 5 (the stack: local user, SIGKILLs, isolation)")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     try:
-        report = run(a.load, a.long, a.untrained)
+        report = run(a.load, a.long, a.untrained, stack=not a.no_stack)
         path = write_report(report, a.out or paths.REPORTS_DIR)
     except Exception as e:
         return cli_error(e, a.debug)

@@ -35,6 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ PRIVATE_UMASK = 0o077
 # namespace (unshare), that no other process sees.
 PRIVATE_SHM = 'mount -t tmpfs -o mode=0700,nosuid,nodev tmpfs /dev/shm && exec "$0" "$@"'
 STUB_PYTHON = "3.11"
+PRIVATE_SOCKET = "grpc.sock"
 
 
 class ServerError(RuntimeError):
@@ -249,7 +251,7 @@ class TritonServer:
                  metrics_port: int = 8002, startup_timeout: float = 120.0, require_all: bool = False,
                  probe: bool = True, log_path: str | Path | None = None, verbose: int = 0,
                  extra_args: Iterable[str] = (), cpus: Iterable[int] | None = None,
-                 admin_key: str | None = None, key_file: Path | None = None) -> None:
+                 admin_key: str | None = None, key_file: Path | None = None, private: bool = False) -> None:
         from serving.repository import served_models
         from training.layout import repository_root
 
@@ -264,39 +266,59 @@ class TritonServer:
         self.log_path: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.load_errors: dict[str, str] = {}
-        # Locks model control etc. (serving.admin); this object's own calls carry it.
-        self.admin_key = admin_key or admin.new_key()
-        self.key_file = key_file
+        # private: Triton's gRPC API on a unix socket in a 0700 folder, its HTTP API off, so that only this user
+        # (the supervisor, the front door) reaches it and no key is needed; else loopback ports, where the admin
+        # key (serving.admin) locks model control etc. and this object's own calls carry it.
+        self.private = private
+        self.admin_key = None if private else admin_key or admin.new_key()
+        self.key_file = None if private else key_file
+        self.socket_dir: Path | None = None
+        self._client: Any = None
         # The python backend's shared-memory regions carry this prefix, so a dead server's are found and removed.
         self.shm_prefix = f"attnzoo_{os.getpid()}_{id(self):x}_"
 
     @property
     def admin_headers(self) -> dict[str, str]:
-        return {admin.HTTP_HEADER: self.admin_key}
+        return {admin.HTTP_HEADER: self.admin_key} if self.admin_key else {}
 
     # urls
     @property
     def http_url(self) -> str:
+        if self.private:
+            raise ServerError("a private server has no HTTP port (its gRPC API is a unix socket: grpc_url)")
         return f"{self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """host:port, or for a private server unix://<0700 folder>/grpc.sock:0 (Triton appends ':<port>')."""
+        if self.private:
+            if self.socket_dir is None:
+                self.socket_dir = Path(tempfile.mkdtemp(prefix="attnzoo-triton-"))  # 0700
+                weakref.finalize(self, shutil.rmtree, self.socket_dir, True)
+            return f"unix://{self.socket_dir / PRIVATE_SOCKET}:0"
         return f"{self.host}:{self.grpc_port}"
+
+    def _ports(self) -> dict[str, int]:
+        ports = {"metrics": self.metrics_port}
+        return ports if self.private else {"http": self.http_port, "grpc": self.grpc_port, **ports}
 
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
-    def _v2(self, path: str) -> str:
-        return f"http://{self.http_url}/v2{path}"
-
     def command(self, runtime: Path) -> list[str]:
+        if self.private:
+            listen = ["--allow-http=false", f"--grpc-address=unix:{self.grpc_url.removeprefix('unix://')[:-2]}",
+                      "--grpc-port=0"]
+        else:
+            listen = [f"--http-address={self.host}", f"--http-port={self.http_port}",
+                      f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                      *admin.server_flags(self.admin_key)]
         cmd = [
             str(tritonserver_bin()),
             f"--model-repository={self.repository}",
             f"--backend-directory={runtime / 'backends'}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            *listen,
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--model-control-mode=explicit",
@@ -305,7 +327,6 @@ class TritonServer:
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={self.verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            *admin.server_flags(self.admin_key),
         ]
         cmd += [f"--load-model={m}" for m in self.models]
         return [*private_shm_wrapper(), *cmd, *self.extra_args]
@@ -316,11 +337,13 @@ class TritonServer:
             raise ServerError("server already started")
         if not self.models:
             raise ServerError(f"no models to serve in {self.repository} (no */config.pbtxt): run `make export`")
-        for what, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
+        for what, port in self._ports().items():
             if not port_free(port, self.host):
                 raise ServerError(f"{what} port {self.host}:{port} is already in use (a server running already?)")
         runtime = prepare_runtime()
-        if self.key_file is not None:
+        if self.private:  # a socket left by a server that died
+            Path(self.grpc_url.removeprefix("unix://")).unlink(missing_ok=True)
+        if self.key_file is not None and self.admin_key:
             admin.write_key(self.admin_key, self.key_file)
         if self._log_arg:
             self.log_path = self._log_arg
@@ -351,10 +374,29 @@ class TritonServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    # The control plane speaks gRPC: the one API a private server has.
+    def _control(self) -> Any:
+        if self._client is None:
+            import tritonclient.grpc as grpcclient
+
+            self._client = grpcclient.InferenceServerClient(self.grpc_url)
+        return self._client
+
+    def _call(self, method: str, *args: Any, admin_api: bool = False, **kwargs: Any) -> Any:
+        """One control call; a refusal or a dead server raises ServerError with Triton's one-line reason."""
+        from tritonclient.utils import InferenceServerException
+
+        if admin_api and self.admin_key:
+            kwargs["headers"] = {admin.GRPC_HEADER: self.admin_key}
+        try:
+            return getattr(self._control(), method)(*args, **kwargs)
+        except InferenceServerException as e:
+            raise ServerError(_first_line(e.message() or str(e))) from None
+
     def live(self) -> bool:
         try:
-            return http_json("GET", self._v2("/health/live"), timeout=2)[0] == 200
-        except OSError:
+            return bool(self._call("is_server_live", client_timeout=2))
+        except ServerError:
             return False
 
     def wait_ready(self, timeout: float) -> None:
@@ -388,6 +430,10 @@ class TritonServer:
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -458,7 +504,7 @@ class TritonServer:
         t0 = time.monotonic()
         self.stop()
         deadline = t0 + 30
-        while not all(port_free(p, self.host) for p in (self.http_port, self.grpc_port, self.metrics_port)):
+        while not all(port_free(p, self.host) for p in self._ports().values()):
             if time.monotonic() > deadline:
                 raise ServerError("the old server's ports are still held after 30 s")
             time.sleep(0.1)
@@ -474,30 +520,27 @@ class TritonServer:
     # model control and health
     def model_states(self) -> dict[str, dict]:
         """Repository index: {model: {"state": READY|UNAVAILABLE|LOADING|..., "reason": str}}."""
-        code, body = http_json("POST", self._v2("/repository/index"), {}, headers=self.admin_headers)
-        if code != 200:
-            raise ServerError(f"repository index failed ({code}): {body}")
-        return {m["name"]: m for m in body or []}
+        index = self._call("get_model_repository_index", as_json=True, admin_api=True, client_timeout=10)
+        return {m["name"]: m for m in index.get("models", [])}
 
     def model_config(self, model: str) -> dict:
-        code, body = http_json("GET", self._v2(f"/models/{model}/config"))
-        if code != 200:
-            raise ServerError(f"model '{model}': {body.get('error', body) if isinstance(body, dict) else body}")
-        return body
+        try:
+            return self._call("get_model_config", model, as_json=True, client_timeout=10)["config"]
+        except ServerError as e:
+            raise ServerError(f"model '{model}': {e}") from None
 
     def load(self, model: str, config: str | None = None) -> None:
         """(Re)load a model, optionally with a JSON config override; raises with Triton's reason."""
-        body = {"parameters": {"config": config}} if config else {}
-        code, resp = http_json("POST", self._v2(f"/repository/models/{model}/load"), body, timeout=120,
-                           headers=self.admin_headers)
-        if code != 200:
-            raise ServerError(f"model '{model}' failed to load: {resp.get('error', resp)}")
+        try:
+            self._call("load_model", model, config=config, admin_api=True, client_timeout=120)
+        except ServerError as e:
+            raise ServerError(f"model '{model}' failed to load: {e}") from None
 
     def unload(self, model: str, wait: float = 30.0) -> None:
-        code, resp = http_json("POST", self._v2(f"/repository/models/{model}/unload"), {}, timeout=60,
-                           headers=self.admin_headers)
-        if code != 200:
-            raise ServerError(f"model '{model}' failed to unload: {resp.get('error', resp)}")
+        try:
+            self._call("unload_model", model, admin_api=True, client_timeout=60)
+        except ServerError as e:
+            raise ServerError(f"model '{model}' failed to unload: {e}") from None
         deadline = time.monotonic() + wait
         while self.model_states().get(model, {}).get("state") == "UNLOADING" and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -526,13 +569,22 @@ class TritonServer:
 
     def probe(self, model: str) -> str | None:
         """A real inference (not just the READY flag); returns None if it worked, else the error."""
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import triton_to_np_dtype
+
         try:
-            cfg = self.model_config(model)
-            body = {"inputs": probe_inputs(cfg)}
-            code, body = http_json("POST", self._v2(f"/models/{model}/infer"), body, timeout=30)
-        except (OSError, ServerError) as e:
+            inputs = []
+            for i in probe_inputs(self.model_config(model)):
+                t = grpcclient.InferInput(i["name"], i["shape"], i["datatype"])
+                data = [v.encode() for v in i["data"]] if i["datatype"] == "BYTES" else i["data"]
+                dtype = object if i["datatype"] == "BYTES" else triton_to_np_dtype(i["datatype"])
+                t.set_data_from_numpy(np.array(data, dtype=dtype).reshape(i["shape"]))
+                inputs.append(t)
+            self._call("infer", model, inputs, client_timeout=30)
+        except ServerError as e:
             return str(e)
-        return None if code == 200 else str(body.get("error", body) if isinstance(body, dict) else body)
+        return None
 
     def health(self, models: Iterable[str] | None = None) -> dict[str, str | None]:
         """{model: None if a probe inference succeeds, else the reason} for every served model."""

@@ -10,7 +10,7 @@ from serving.reliability import is_client_error, run, write_report
 
 @pytest.mark.server
 def test_reliability_report_small_run(tmp_path):
-    report = run(n_load=200, long_requests=200, untrained=True, log=lambda *_: None)
+    report = run(n_load=200, long_requests=200, untrained=True, log=lambda *_: None, stack=False)  # tests/test_stack.py
     not_refused = [r for r in report["bad_inputs"] if not is_client_error(r["status"])]
     assert not not_refused, not_refused
     assert all(r["healthy_after"] for r in report["bad_inputs"]), report["bad_inputs"]

@@ -5,7 +5,12 @@ numpy and Pillow only: the Triton python backend imports this module.
 
 - ``decode``: JPEG/PNG/WebP/BMP/GIF (first frame) of any size; the EXIF orientation applied; grayscale,
   palette, RGBA (alpha composited onto black), CMYK, 16-bit converted to RGB (or to L for 1-channel models).
-  A file above ``max_pixels`` is refused before its pixels are decoded (a decompression bomb).
+  A file above ``max_pixels`` is refused before its pixels are decoded (a decompression bomb). Given the
+  shorter side it will be resized to (``min_side``), a large JPEG is decoded DCT-scaled (Pillow's draft mode,
+  1/2 to 1/8) to no less than ``DRAFT_OVERSAMPLE`` times that side: a 24 MP photo for a 73 px model decodes at
+  1/8 of the work, and the bilinear resize that follows sees the same picture.
+- ``request_pixels``: what a request's files will cost to decode, read from their headers alone (nothing is
+  decoded), so that a request over its budget (``max_request_pixels``) is refused before any work.
 - ``ImagePreprocess.eval``: resize the shorter side to ``resize`` (bilinear), centre-crop ``size`` x ``size``,
   scale to [0, 1], normalise with the training split's mean and std, as [C, H, W] float32.
 - ``ImagePreprocess.train``: a random-resized crop (area 35-100%, aspect 3/4-4/3) and a horizontal flip.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -22,6 +28,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: any camera photo; decompression bombs are far above it
+# Decoded pixels one request may cost in all (its files together, after draft-mode scaling): a 24 MP photo, about
+# 1.1 s of PNG decoding on one core here, so that one request cannot hold a preprocessing instance for long.
+DEFAULT_MAX_REQUEST_PIXELS = 24_000_000
+DRAFT_OVERSAMPLE = 2  # a drafted JPEG keeps at least twice the resize side: the resize still antialiases
 CROP_FRACTION = 0.875  # timm's crop_pct: the centre crop covers 87.5% of the resized shorter side
 TRAIN_SCALE = (0.35, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
@@ -42,10 +52,8 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode(data: bytes, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> Image.Image:
-    """An encoded image file -> a Pillow image in ``RGB`` (channels 3) or ``L`` (channels 1); raises
-    ``ImageError`` naming ``source`` for an empty payload, bytes that are no image, a truncated file or one above
-    ``max_pixels``."""
+def _open(data: bytes, max_pixels: int, source: str, min_side: int | None) -> Image.Image:
+    """Open (headers only), refuse a file above ``max_pixels``, and set up draft-mode decoding (see above)."""
     if not data:
         raise ImageError(f"{source}: empty payload (0 bytes), expected an encoded image file")
     try:
@@ -53,15 +61,32 @@ def decode(data: bytes, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS,
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(f"{source}: image of {w}x{h} = {w * h} pixels is above the limit of {max_pixels}")
-            img.load()  # decodes now: a truncated file fails here, not later
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{source}: image above the pixel limit ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{source}: not an image Pillow can read ({len(data)} bytes, starting {data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{source}: cannot decode image: {e}") from None
+    if w * h > max_pixels:
+        raise ImageError(f"{source}: image of {w}x{h} = {w * h} pixels is above the limit of {max_pixels}")
+    if min_side and img.format == "JPEG" and min(w, h) >= 2 * DRAFT_OVERSAMPLE * min_side:
+        k = DRAFT_OVERSAMPLE * min_side / min(w, h)
+        img.draft(img.mode, (math.ceil(w * k), math.ceil(h * k)))
+    return img
+
+
+def decode(data: bytes, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image",
+           min_side: int | None = None) -> Image.Image:
+    """An encoded image file -> a Pillow image in ``RGB`` (channels 3) or ``L`` (channels 1); raises
+    ``ImageError`` naming ``source`` for an empty payload, bytes that are no image, a truncated file or one above
+    ``max_pixels``. ``min_side``: the shorter side it will be resized to (lets a large JPEG decode scaled)."""
+    img = _open(data, max_pixels, source, min_side)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()  # decodes now: a truncated file fails here, not later
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{source}: image above the pixel limit ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{source}: cannot decode image: {e}") from None
     img = ImageOps.exif_transpose(img)  # camera orientation
@@ -69,6 +94,17 @@ def decode(data: bytes, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS,
         img = Image.fromarray((np.asarray(img, np.float64) / 257.0).clip(0, 255).astype(np.uint8), "L")
     img = _flatten_alpha(img)
     return img.convert("RGB" if channels == 3 else "L")
+
+
+def request_pixels(files: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None,
+                   source: str = "image") -> int:
+    """The pixels decoding ``files`` will produce (after draft scaling), from their headers alone; a file that
+    is no image or above ``max_pixels`` raises ``ImageError`` naming its element."""
+    total = 0
+    for k, data in enumerate(files):
+        w, h = _open(data, max_pixels, f"{source} element {k}", min_side).size
+        total += w * h
+    return total
 
 
 def read_image(path, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -115,6 +151,7 @@ class ImagePreprocess:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -133,7 +170,8 @@ class ImagePreprocess:
     def at_size(self, size: int) -> ImagePreprocess:
         """The same transform for another input size (the resize keeps its ratio to the crop)."""
         resize = None if self.resize is None else round(self.resize * size / self.size)
-        return ImagePreprocess(size, self.channels, resize, self.mean, self.std, self.max_pixels)
+        return ImagePreprocess(size, self.channels, resize, self.mean, self.std, self.max_pixels,
+                               self.max_request_pixels)
 
     def crop(self, img: Image.Image) -> np.ndarray:
         """The eval crop as uint8 [C, size, size] (what the data cache stores)."""
@@ -150,7 +188,16 @@ class ImagePreprocess:
 
     def __call__(self, data: bytes, source: str = "image") -> np.ndarray:
         """Encoded file -> the model's input sample [C, size, size] float32."""
-        return self.eval(decode(data, self.channels, self.max_pixels, source))
+        return self.eval(decode(data, self.channels, self.max_pixels, source, self.resize_side))
+
+    def check_request(self, files: list[bytes], source: str = "image") -> int:
+        """Refuse (``ImageError``, naming the budget) a request whose files would decode to more than
+        ``max_request_pixels`` in all; returns the pixels they will cost."""
+        total = request_pixels(files, self.max_pixels, self.resize_side, source)
+        if total > self.max_request_pixels:
+            raise ImageError(f"{source}: {len(files)} image(s) would decode to {total} pixels, above the "
+                             f"per-request budget of {self.max_request_pixels} (send fewer or smaller images)")
+        return total
 
     def train_crop(self, img: Image.Image, rng: np.random.Generator, out: int | None = None,
                    box: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -187,4 +234,5 @@ class ImagePreprocess:
     def from_json(cls, text: str) -> ImagePreprocess:
         d = json.loads(text)
         return cls(int(d["size"]), int(d["channels"]), d.get("resize"), tuple(d["mean"]), tuple(d["std"]),
-                   int(d.get("max_pixels", DEFAULT_MAX_PIXELS)))
+                   int(d.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                   int(d.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS)))

@@ -5,8 +5,10 @@ input is a BYTES tensor, one encoded file (JPEG, PNG, WebP, BMP; any size) per b
 the model's image input through the eval transform of training (``training.images.ImagePreprocess``, read
 from the config's ``preprocess`` parameter): the same code, so the served input equals training's.
 
-A request whose payload is empty, is no image, is truncated or is above the pixel limit gets its own
-INVALID_ARG error naming the element and the problem; the other requests of the batch are answered.
+A request whose payload is empty, is no image, is truncated, is above the pixel limit, or whose files together
+would decode to more than the per-request budget (``max_request_pixels``, read from the headers before anything
+is decoded) gets its own INVALID_ARG error naming the element or the budget; the other requests of the batch are
+answered.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ class TritonPythonModel:
         files = t.as_numpy().reshape(-1)
         if files.size == 0:
             raise ImageError(f"model '{self.name}': input '{self.input}' is an empty batch")
-        out = np.empty((files.size, self.pre.channels, self.pre.size, self.pre.size), np.float32)
-        for k, data in enumerate(files):
-            raw = data if isinstance(data, bytes) else bytes(data)
+        files = [data if isinstance(data, bytes) else bytes(data) for data in files]
+        self.pre.check_request(files, source=f"model '{self.name}': input '{self.input}'")  # before any decoding
+        out = np.empty((len(files), self.pre.channels, self.pre.size, self.pre.size), np.float32)
+        for k, raw in enumerate(files):
             try:
                 out[k] = self.pre(raw, source=f"model '{self.name}': input '{self.input}' element {k}")
             except ImageError:
