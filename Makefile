@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The one command line (serving/cli.py, a console script); the `python -m` forms stay as aliases.
+ATTNZOO := $(VENV)/bin/attnzoo
 STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
@@ -25,25 +27,35 @@ browser:
 			chromium chromium-driver >/dev/null) || echo "warning: apt-get could not install chromium" >&2; fi
 
 train: $(STAMP)
-	$(PY) -m training $(MODELS)
+	$(ATTNZOO) train $(MODELS)
+
+# Data-parallel training on this host: torchrun + DistributedDataParallel (gloo on CPU, NCCL on GPU), NPROC
+# processes, the recipe's global batch split over them (docs/training.md: multi-node, elastic restarts, GPUs).
+# Weights go to DDP_WEIGHTS, so that the shipped single-process weights (training/weights/) stay as they are.
+NPROC ?= 2
+DDP_WEIGHTS ?= artifacts/weights-ddp
+.PHONY: train-ddp
+train-ddp: $(STAMP)
+	GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo} ATTNZOO_WEIGHTS=$(DDP_WEIGHTS) $(VENV)/bin/torchrun --standalone \
+		--nproc-per-node $(NPROC) -m training $(MODELS)
 
 # Train what is missing, export, check, parity-gate, then generate the Triton repository.
 export: $(STAMP)
-	$(PY) -m export $(MODELS)
-	$(PY) -m serving.repository --target cpu
+	$(ATTNZOO) export $(MODELS)
+	$(ATTNZOO) repository --target cpu
 
 repository: $(STAMP)
-	$(PY) -m serving.repository --target cpu
+	$(ATTNZOO) repository --target cpu
 
 engines: $(STAMP)
-	$(PY) -m export.engines $(MODELS) --archs $(ARCHS)
+	$(ATTNZOO) engines $(MODELS) --archs $(ARCHS)
 
 fp16-report: $(STAMP)
-	$(PY) -m export.fp16 $(MODELS) --probe --sweep
+	$(ATTNZOO) fp16 $(MODELS) --probe --sweep
 
 # INT8 QDQ graphs with the recorded choices (export/int8/choices.json), gated: reports/int8.{md,json,png}.
 int8: $(STAMP)
-	$(PY) -m export.int8 $(MODELS)
+	$(ATTNZOO) int8 $(MODELS)
 
 # Re-measure the choices (calibration method, nodes kept float), time int8 vs fp32, build TensorRT-RTX engines;
 # one process per model so that a shared host's lock can be taken model by model. Then the int8 conv speed-up by
@@ -55,35 +67,50 @@ int8-report: $(STAMP)
 
 # The fastest variant (fp32, fp16, int8) per model that passed its gate: reports/variants.{md,json,png}.
 variants: $(STAMP)
-	$(PY) -m export.variants $(MODELS)
+	$(ATTNZOO) variants $(MODELS)
 
 # The served variants (<name>, <name>_int8) over gRPC at concurrency 1 and 16 (reports/variants_served.md).
 variants-served: $(STAMP)
-	$(PY) -m serving.variant_bench $(MODELS)
+	$(ATTNZOO) variants-served $(MODELS)
 
 # Composed models served as an ensemble and as BLS, with Triton's per-step statistics (reports/pipeline_<name>.md).
 pipeline-bench: $(STAMP)
-	$(PY) -m serving.pipeline_bench $(MODELS)
+	$(ATTNZOO) pipeline-bench $(MODELS)
 
+# The served stack: the front door (KServe v2 HTTP on 8000, gRPC on 8001: the only ports for clients) in front of a
+# private, supervised tritonserver (a unix socket only this user reaches); metrics on 127.0.0.1:8002.
 serve: $(STAMP)
-	$(PY) -m serving.server
+	$(ATTNZOO) serve
 
-# The validating HTTP front door (port 8080) in front of `make serve`'s gRPC port: the port to expose.
+# N supervised tritonserver replicas behind Envoy (serving/replicas.py; REPOSITORY may be s3://host:port/bucket/path):
+# prints Envoy's HTTP/gRPC ports, each replica and where the metrics are (prometheus on 127.0.0.1:9090 if installed).
+REPLICAS ?= 2
+.PHONY: serve-replicas scaleout-bench
+serve-replicas: $(STAMP) prometheus
+	$(PY) -m serving.replicas --replicas $(REPLICAS) $(if $(REPOSITORY),--repo $(REPOSITORY))
+
+# Envoy's added latency (c=1) and throughput (c=16) vs one replica direct, faults with/without retries:
+# reports/scaleout.{md,json}.
+scaleout-bench: $(STAMP)
+	$(PY) -m serving.scaleout_bench
+
+# The validating HTTP front door alone (port 8080), in front of any Triton gRPC URL (--triton-grpc), e.g. Envoy's.
+# (`make serve` runs its own front door on 8000/8001 in front of a private tritonserver.)
 frontdoor: $(STAMP)
-	$(PY) -m serving.frontdoor
+	$(ATTNZOO) frontdoor
 
 bench: $(STAMP)
-	$(PY) -m serving.bench
+	$(ATTNZOO) bench
 
 # Raw image files: the preprocessing step and <name>_image end to end (reports/images.md).
 bench-images: $(STAMP)
-	$(PY) -m serving.image_bench $(if $(filter-out all,$(MODELS)),$(MODELS),cnn)
+	$(ATTNZOO) bench-images $(if $(filter-out all,$(MODELS)),$(MODELS),cnn)
 
 bench-export: $(STAMP)
-	$(PY) -m export.speed $(MODELS)
+	$(ATTNZOO) bench-export $(MODELS)
 
 gpu-check: $(STAMP)
-	$(PY) -m export.gpu_check all
+	$(ATTNZOO) gpu-check all
 
 # pytest's exit 5 (no tests collected) must fail loudly, never pass.
 test: $(STAMP) browser
@@ -97,7 +124,7 @@ lint: $(STAMP)
 
 # The same 8 images through every mechanism, every map/box/mask output drawn: reports/gallery.{png,md}.
 gallery: $(STAMP)
-	$(PY) -m serving.gallery
+	$(ATTNZOO) gallery
 
 samples: $(STAMP)
 	$(PY) -c "from training.data import save_sample_grid; save_sample_grid('reports/samples.png')"
@@ -106,10 +133,26 @@ clean:
 	rm -rf artifacts model_repository/*/ reports/*.json
 
 reliability: $(STAMP)
-	$(PY) -m serving.reliability
+	$(ATTNZOO) reliability
 
 # A measured claim (seeded comparison of variants): `make study STUDY=attention` (or residual_attention, macnn,
 # attention_to_scale); not part of `make export`.
 STUDY ?= attention
 study: $(STAMP)
-	$(PY) -m training.studies $(STUDY)
+	$(ATTNZOO) study $(STUDY)
+
+# Kubernetes/KServe manifests, Containerfiles and Prometheus rules under deploy/, generated from the specs
+# (serving/k8s.py); tests/test_manifests.py fails when the committed tree differs from what this writes.
+.PHONY: manifests prometheus
+manifests: $(STAMP)
+	$(PY) -m serving.k8s
+
+# promtool (Debian's prometheus package) tests deploy/prometheus/rules.yml; installed where we may (root with
+# apt-get); elsewhere tests/test_prometheus_rules.py skips and says why.
+prometheus:
+	@if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing prometheus (apt-get: promtool)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus >/dev/null) || echo "warning: apt-get could not install prometheus" >&2; fi
+install: prometheus
+test: prometheus
