@@ -66,11 +66,12 @@ def _tritonserver_pids() -> list[int]:
 
 def try_private_sockets() -> list[dict[str, str]]:
     """Connect to every unix socket path that belongs to the stack (listed world-readably in /proc/net/unix)."""
-    out = []
+    out, seen = [], set()
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         path = line.split()[-1] if len(line.split()) >= 8 else ""
-        if "attnzoo-triton" not in path:
+        if "attnzoo-triton" not in path or path in seen:  # a listening socket and its connections share a path
             continue
+        seen.add(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(path)

@@ -56,6 +56,9 @@ PRIVATE_UMASK = 0o077
 PRIVATE_SHM = 'mount -t tmpfs -o mode=0700,nosuid,nodev tmpfs /dev/shm && exec "$0" "$@"'
 STUB_PYTHON = "3.11"
 PRIVATE_SOCKET = "grpc.sock"
+# The supervisor's restart backoff: 1 s doubling to this cap. A restart costs ~3 s of one core here, so a crash loop
+# at the cap spends about a third of a core, and after any storm of deaths the server is back within cap + start.
+BACKOFF_BASE_S, BACKOFF_MAX_S = 1.0, 10.0
 
 
 class ServerError(RuntimeError):
@@ -614,16 +617,17 @@ class Supervisor:
     that claims a huge tensor), forever, and says why it died.
 
     A crash loop is never turned into an outage by giving up: consecutive deaths back off exponentially
-    (``backoff_base_s`` doubling up to ``backoff_max_s``), and the streak is forgotten once the server has
-    served for ``stable_s``. Nothing a dying server raises (a refused connection mid-probe, a restart that fails)
-    ends ``run``. ``status()`` says where it stands; every log line carries it.
+    (``backoff_base_s`` doubling up to ``backoff_max_s``, 1 s and 10 s by default), and the streak is forgotten
+    once the server has served for ``stable_s``. Nothing a dying server raises (a refused connection mid-probe, a
+    restart that fails) ends ``run``. ``status()`` says where it stands; every log line carries it.
 
     ``check()`` is one look: None while the server is alive, else (after the backoff) a record of the restart
     attempt (``why``: the log's last error line, ``backoff_s``, ``ok``, ``restart_s``: seconds until it served
     again, or ``error``)."""
 
-    def __init__(self, server: TritonServer, backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
-                 stable_s: float = 60.0, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, server: TritonServer, backoff_base_s: float = BACKOFF_BASE_S,
+                 backoff_max_s: float = BACKOFF_MAX_S, stable_s: float = 60.0,
+                 log: Callable[[str], None] | None = None) -> None:
         self.server, self.base, self.cap, self.stable_s = server, backoff_base_s, backoff_max_s, stable_s
         self.restarts: list[dict[str, Any]] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -727,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds between probe inferences that reload a model whose stub died (0: off)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before restarting a dead server; doubles while it keeps dying")
-    p.add_argument("--max-backoff", type=float, default=60.0, help="cap of that backoff (it never gives up)")
+    p.add_argument("--max-backoff", type=float, default=BACKOFF_MAX_S, help="cap of that backoff (it never gives up)")
     p.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
     p.add_argument("--verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
