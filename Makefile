@@ -79,16 +79,13 @@ pipeline-bench: $(STAMP)
 
 # The served stack: the front door (KServe v2 HTTP on 8000, gRPC on 8001: the only ports for clients) in front of a
 # private, supervised tritonserver (a unix socket only this user reaches); metrics on 127.0.0.1:8002.
-serve: $(STAMP)
-	$(ATTNZOO) serve
+# REPLICAS=N (N >= 2): N private replicas behind Envoy (on a unix socket too; docs/scaleout.md), Prometheus on
+# 127.0.0.1:9090 where installed; REPOSITORY may be s3://host:port/bucket/path.
+REPLICAS ?= 1
+serve: $(STAMP) $(if $(filter-out 1,$(REPLICAS)),prometheus)
+	$(ATTNZOO) serve --replicas $(REPLICAS) $(if $(REPOSITORY),--repo $(REPOSITORY))
 
-# N supervised tritonserver replicas behind Envoy (serving/replicas.py; REPOSITORY may be s3://host:port/bucket/path):
-# prints Envoy's HTTP/gRPC ports, each replica and where the metrics are (prometheus on 127.0.0.1:9090 if installed).
-REPLICAS ?= 2
-.PHONY: serve-replicas scaleout-bench
-serve-replicas: $(STAMP) prometheus
-	$(PY) -m serving.replicas --replicas $(REPLICAS) $(if $(REPOSITORY),--repo $(REPOSITORY))
-
+.PHONY: scaleout-bench
 # Envoy's added latency (c=1) and throughput (c=16) vs one replica direct, faults with/without retries:
 # reports/scaleout.{md,json}.
 scaleout-bench: $(STAMP)
@@ -108,6 +105,16 @@ bench-images: $(STAMP)
 
 bench-export: $(STAMP)
 	$(ATTNZOO) bench-export $(MODELS)
+
+# onnxruntime vs OpenVINO, torch eager and torch.compile, batch 1 and 32, one section per host ISA
+# (reports/peers.{md,json}); EMULATE_AVX2=1 adds a run held to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA).
+.PHONY: bench-peers host-choice
+bench-peers: $(STAMP)
+	$(PY) -m export.peers $(MODELS) $(if $(EMULATE_AVX2),--emulate-avx2)
+
+# Per-host engine/precision/threading choice, gated and timed here: artifacts/host_choice/<isa key>.json.
+host-choice: $(STAMP)
+	$(PY) -m export.host_choice $(MODELS)
 
 gpu-check: $(STAMP)
 	$(ATTNZOO) gpu-check all

@@ -62,13 +62,13 @@ COMMANDS: dict[str, Command] = {
     "verify": Command("export.verify", "re-check one exported graph (checker, I/O, parity, TensorRT)", "one"),
     "sweep": Command("export.sweep", "sweep one model parameter (--param P --values ...)", "one"),
     "gpu-check": Command("export.gpu_check", "TensorRT/ORT/torch parity and latency on a CUDA host"),
-    "serve": Command("serving.stack", "serve: private tritonserver, supervised, behind the front door (HTTP 8000, "
-                     "gRPC 8001)", "served", "--models", "default"),
+    "serve": Command("serving.stack", "serve: private tritonserver(s), supervised, behind the front door (HTTP 8000, "
+                     "gRPC 8001); --replicas N: N behind Envoy", "served", "--models", "default"),
     "triton": Command("serving.server", "tritonserver alone on loopback ports (development, benchmarks)", "served",
                       "--models", "default"),
     "frontdoor": Command("serving.frontdoor", "the validating KServe v2 HTTP front door alone (port 8080)", "none"),
-    "replicas": Command("serving.replicas", "N supervised tritonserver replicas behind Envoy", "served", "--models",
-                        "default"),
+    "replicas": Command("serving.replicas", "serve with N private replicas behind Envoy (serve --replicas N, "
+                        "default 2)", "served", "--models", "default"),
     "objectstore": Command("serving.objectstore", "push the model repository to object storage (s3://)", "none"),
     "prometheus": Command("serving.prometheus", "Prometheus scraping every replica and Envoy", "none"),
     "manifests": Command("serving.k8s", "Kubernetes (kustomize) and KServe manifests into deploy/", "none"),

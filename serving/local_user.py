@@ -3,7 +3,7 @@
 
 - **secrets**: any process's command line or environment holding an admin key (``admin-key=``,
   ``ATTNZOO_TRITON_ADMIN_KEY``);
-- **Triton's private API**: every unix socket of a tritonserver (from ``/proc/net/unix``), connected to;
+- **the private sockets**: every unix socket of a tritonserver or of Envoy (``/proc/net/unix``), connected to;
 - **files**: the python backend's shared-memory regions (in the shared ``/dev/shm`` or, through
   ``/proc/<pid>/root``, the server's private one) and the server's logs, opened for reading;
 - **requests** to every port it can reach (the front door's HTTP and gRPC ports, Triton's metrics port): the
@@ -25,6 +25,7 @@ import gzip
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def try_private_sockets() -> list[dict[str, str]]:
     out, seen = [], set()
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         path = line.split()[-1] if len(line.split()) >= 8 else ""
-        if "attnzoo-triton" not in path or path in seen:  # a listening socket and its connections share a path
+        if not re.search(r"/attnzoo-(triton|envoy)-", path) or path in seen:  # listener + connections: one path
             continue
         seen.add(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

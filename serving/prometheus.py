@@ -1,6 +1,10 @@
 """Prometheus over the replica set: a scrape config for every replica's Triton metrics port and Envoy's
 ``/stats/prometheus``, and the Debian ``prometheus`` binary run on it (``make prometheus`` installs it).
 
+Both are TCP on 127.0.0.1 and read-only: the replicas' metrics ports (their inference APIs are unix sockets), and
+Envoy's stats listener, which forwards only ``GET /stats/prometheus`` to its admin socket (``serving.envoy``):
+Prometheus cannot scrape a unix socket.
+
 Jobs and labels (what rules and dashboards select on): job ``attnzoo-triton`` with one target per replica,
 labelled ``replica="<name>"``; job ``attnzoo-envoy`` (path ``/stats/prometheus``). The recording and alert rules live in
 ``deploy/prometheus/rules.yml`` (tested with ``promtool test rules``) and are loaded when that file exists.
@@ -41,7 +45,7 @@ def _hostport(url: str) -> str:
 
 def scrape_config(replicas: Mapping[str, str], envoy: str | None = None, *, interval_s: float = 5.0,
                   rules: Path | None = RULES) -> dict[str, Any]:
-    """The config: ``replicas`` {name: metrics URL or host:port}, ``envoy`` Envoy's admin URL or host:port."""
+    """The config: ``replicas`` {name: metrics URL or host:port}, ``envoy`` Envoy's stats URL or host:port."""
     if not replicas:
         raise PrometheusError("no replica metrics targets to scrape")
     scrape = [{"job_name": TRITON_JOB, "metrics_path": "/metrics",
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.prometheus", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", action="append", default=[], metavar="NAME=HOST:PORT",
                    help="a replica's Triton metrics endpoint (repeat per replica)")
-    p.add_argument("--envoy", default=None, help="Envoy's admin HOST:PORT")
+    p.add_argument("--envoy", default=None, help="Envoy's stats HOST:PORT (its GET /stats/prometheus listener)")
     p.add_argument("--interval", type=float, default=5.0, help="scrape interval in seconds")
     p.add_argument("--port", type=int, default=9090, help="prometheus' own port (127.0.0.1)")
     p.add_argument("--config-only", action="store_true", help="print the config and exit")

@@ -1,24 +1,30 @@
 """What Envoy costs and what replicas give, measured side by side in one run: ``reports/scaleout.{md,json}``.
 
+Clients only ever talk to a front door (``serving.stack.front_door``, HTTP + gRPC, in a process of its own as in
+``make serve``); what differs is what is behind it:
+
 - **Added latency at concurrency 1**: the same real test images sent one at a time, alternating request by
-  request between Envoy (2 replicas behind it) and one replica directly, over gRPC and over HTTP: p50/p95/p99.
-- **Throughput at concurrency 16** (gRPC): Envoy with 2 replicas vs one replica directly, in alternating rounds.
+  request between a front door in front of Envoy (2 private replicas behind it) and an identical front door in
+  front of one of those replicas directly (its unix socket), over gRPC and over HTTP: p50/p95/p99.
+- **Throughput at concurrency 16** (gRPC): the same two paths, in alternating rounds.
 - **Faults**: a replica SIGKILLed, then a python stub, under load through Envoy with and without its retry policy.
 
-Also the closed-loop ``Load`` the scale-out tests drive: client threads sending real inputs through a URL, every
-answer compared with onnxruntime's on the exported graph.
+Also the closed-loop ``Load`` the scale-out tests drive: client threads sending real inputs through a front door,
+every answer compared with onnxruntime's on the exported graph.
 
     python -m serving.scaleout_bench [cnn] [--duration 4] [--rounds 3] [--requests 300]
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +78,12 @@ class LoadResult:
 
 class Load:
     """``workers`` threads per protocol, each with its own ``serving.client.Client`` (no client-side retries: what
-    fails is what a client sees), sending ``cases`` round-robin until ``stop()``; every answer is checked."""
+    fails is what a client sees), sending ``cases`` round-robin until ``stop()``; every answer is checked.
+
+    ``connect()`` (also done by ``start()``) starts the threads and waits until each has made its client (in its own
+    thread: tritonclient's HTTP client belongs to the thread that made it). A client asks whether the model is
+    ready, which the front door answers with a real probe inference, so a test that counts the replicas'
+    inferences reads its baseline after ``connect()``; the requests begin with ``start()``."""
 
     def __init__(self, urls: dict[str, str], model: str, cases: list[Case], workers: int = 2,
                  retries: int = 0, timeout: float = 30.0) -> None:
@@ -85,8 +96,22 @@ class Load:
         self.tol = spec_tolerance(self.spec)
         self.result = LoadResult(by_protocol=dict.fromkeys(urls, 0))
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop, self._go = threading.Event(), threading.Event()
         self._threads: list[threading.Thread] = []
+        self._connected = threading.Semaphore(0)
+
+    def connect(self, timeout: float = 60.0) -> Load:
+        if self._threads:
+            return self
+        for proto in self.urls:
+            for k in range(self.workers):
+                t = threading.Thread(target=self._worker, args=(proto, k), daemon=True, name=f"load-{proto}-{k}")
+                t.start()
+                self._threads.append(t)
+        for _ in self._threads:
+            if not self._connected.acquire(timeout=timeout):
+                raise TimeoutError(f"load: clients not connected after {timeout:g} s")
+        return self
 
     def _check(self, i: int, got: dict[str, np.ndarray]) -> str | None:
         from export.compare import compare
@@ -97,7 +122,15 @@ class Load:
     def _worker(self, protocol: str, k: int) -> None:
         from serving.client import Client
 
-        client = Client(self.model, protocol, self.urls[protocol], timeout=self.timeout, retries=self.retries)
+        try:
+            client = Client(self.model, protocol, self.urls[protocol], timeout=self.timeout, retries=self.retries)
+        except Exception as e:
+            with self._lock:
+                self.result.errors.append(f"{protocol}: connect: {str(e)[:300]}")
+            return
+        finally:
+            self._connected.release()
+        self._go.wait()
         i = k
         try:
             while not self._stop.is_set():
@@ -120,11 +153,8 @@ class Load:
             client.close()
 
     def start(self) -> Load:
-        for proto in self.urls:
-            for k in range(self.workers):
-                t = threading.Thread(target=self._worker, args=(proto, k), daemon=True, name=f"load-{proto}-{k}")
-                t.start()
-                self._threads.append(t)
+        self.connect()
+        self._go.set()
         return self
 
     def done(self) -> int:
@@ -141,6 +171,7 @@ class Load:
 
     def stop(self) -> LoadResult:
         self._stop.set()
+        self._go.set()
         for t in self._threads:
             t.join(timeout=self.timeout + 5)
         return self.result
@@ -150,6 +181,45 @@ class Load:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------------------------------------ front door
+
+
+def _front_door_main(triton_grpc: str, http_port: int, grpc_port: int, ready: Any, stop: Any) -> None:
+    from serving.stack import front_door
+
+    with front_door(triton_grpc, "127.0.0.1", http_port, grpc_port, explorer=False):
+        ready.set()
+        stop.wait()
+
+
+@contextlib.contextmanager
+def front_door_process(triton_grpc: str, timeout: float = 60.0) -> Iterator[dict[str, str]]:
+    """The front door (HTTP + gRPC, ``serving.stack.front_door``) in front of ``triton_grpc`` (Envoy's socket or a
+    replica's), in a process of its own as `make serve` runs it, so that it does not share the load's interpreter
+    lock; yields {"grpc": host:port, "http": host:port}."""
+    from serving.server import free_ports
+
+    ctx = multiprocessing.get_context("spawn")
+    http, grpc = free_ports(2)
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_front_door_main, args=(triton_grpc, http, grpc, ready, stop), daemon=True,
+                       name="frontdoor")
+    proc.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the front door in front of {triton_grpc} did not start "
+                                   f"(exit code {proc.exitcode})")
+        yield {"grpc": f"127.0.0.1:{grpc}", "http": f"127.0.0.1:{http}"}
+    finally:
+        stop.set()
+        proc.join(15)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 # ------------------------------------------------------------------------------------------- benchmark
@@ -163,7 +233,8 @@ def _client(model: str, protocol: str, url: str) -> Any:
 
 def added_latency(model: str, envoy: dict[str, str], direct: dict[str, str], cases: list[Case], n: int
                   ) -> dict[str, Any]:
-    """Concurrency 1, the two paths alternating request by request: {protocol: {path: percentiles}}."""
+    """Concurrency 1, the two paths (``envoy``, ``direct``: {protocol: front door URL}) alternating request by
+    request: {protocol: {path: percentiles}}."""
     out: dict[str, Any] = {}
     for proto in PROTOCOLS:
         clients = {"envoy": _client(model, proto, envoy[proto]), "direct": _client(model, proto, direct[proto])}
@@ -184,7 +255,8 @@ def added_latency(model: str, envoy: dict[str, str], direct: dict[str, str], cas
 
 def throughput(model: str, envoy_grpc: str, direct_grpc: str, cases: list[Case], duration: float, rounds: int,
                concurrency: int = 16) -> dict[str, Any]:
-    """Concurrency ``concurrency`` over gRPC, alternating rounds: {path: {rps per round, mean, latency}}."""
+    """Concurrency ``concurrency`` over gRPC to the two front doors, alternating rounds: {path: {rps per round,
+    mean, latency}}."""
     from serving.bench import measure_callable
 
     out: dict[str, Any] = {"envoy": {"rounds": []}, "direct": {"rounds": []}}
@@ -219,8 +291,8 @@ def _fault_stats(stats: dict[str, int], before: dict[str, int]) -> dict[str, int
 
 def fault_comparison(rs: Any, model: str, cases: list[Case], after: int = 300) -> dict[str, Any]:
     """A replica's tritonserver SIGKILLed, then one replica's python stub, under load through two Envoys in front
-    of the same replicas at once: the set's own (retry policy on) and a second one without a retry policy.
-    {fault: {envoy: load summary + Envoy's retry / ejection counters}}."""
+    of the same replicas at once, each behind its own front door: the set's own (retry policy on) and a second one
+    without a retry policy. {fault: {envoy: load summary + Envoy's retry / ejection counters}}."""
     import os
     import signal
 
@@ -228,41 +300,42 @@ def fault_comparison(rs: Any, model: str, cases: list[Case], after: int = 300) -
     from serving.server import free_ports
 
     work = temp_workdir()
-    plain = Envoy(work, *free_ports(3), policy=Policy(retries=0))
+    plain = Envoy(work, free_ports(1)[0], policy=Policy(retries=0))
     plain.start([r.endpoint for r in rs.replicas])
     envoys = {"retries": rs.envoy, "no_retries": plain}
     out: dict[str, Any] = {}
     try:
-        for fault in ("replica SIGKILL", "python stub SIGKILL"):
-            before = {k: e.stats() for k, e in envoys.items()}
-            loads = {k: Load({"grpc": f"127.0.0.1:{e.grpc_port}", "http": f"127.0.0.1:{e.http_port}"}, model, cases)
-                     for k, e in envoys.items()}
-            for load in loads.values():
-                load.start()
-            for load in loads.values():
-                load.wait_for(60)
-            if fault == "replica SIGKILL":
-                victim = rs.replicas[0]
-                n = len(victim.supervisor.restarts)
-                os.kill(victim.server.proc.pid, signal.SIGKILL)
-                deadline = time.monotonic() + 60
-                while len(victim.supervisor.restarts) == n or not victim.supervisor.restarts[-1]["ok"]:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{victim.name} was not restarted")
-                    time.sleep(0.2)
-                for e in envoys.values():
-                    e.wait_hosts({victim.name}, timeout=30)
-            else:
-                victim = rs.replicas[-1]
-                for pid in victim.server.stub_pids(model):
-                    os.kill(pid, signal.SIGKILL)
-            for load in loads.values():
-                load.wait_for(after)
-            out[fault] = {k: {**load.stop().summary(), **_fault_stats(envoys[k].stats(), before[k])}
-                          for k, load in loads.items()}
-            if fault != "replica SIGKILL":
-                rs.heal(victim)
-                plain.wait_hosts(timeout=30)
+        with contextlib.ExitStack() as stack:
+            doors = {k: stack.enter_context(front_door_process(e.grpc_url)) for k, e in envoys.items()}
+            for fault in ("replica SIGKILL", "python stub SIGKILL"):
+                loads = {k: Load(doors[k], model, cases).connect() for k in envoys}
+                before = {k: e.stats() for k, e in envoys.items()}
+                for load in loads.values():
+                    load.start()
+                for load in loads.values():
+                    load.wait_for(60)
+                if fault == "replica SIGKILL":
+                    victim = rs.replicas[0]
+                    n = len(victim.supervisor.restarts)
+                    os.kill(victim.server.proc.pid, signal.SIGKILL)
+                    deadline = time.monotonic() + 60
+                    while len(victim.supervisor.restarts) == n or not victim.supervisor.restarts[-1]["ok"]:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{victim.name} was not restarted")
+                        time.sleep(0.2)
+                    for e in envoys.values():
+                        e.wait_hosts({victim.socket}, timeout=30, names=[victim.name])
+                else:
+                    victim = rs.replicas[-1]
+                    for pid in victim.server.stub_pids(model):
+                        os.kill(pid, signal.SIGKILL)
+                for load in loads.values():
+                    load.wait_for(after)
+                out[fault] = {k: {**load.stop().summary(), **_fault_stats(envoys[k].stats(), before[k])}
+                              for k, load in loads.items()}
+                if fault != "replica SIGKILL":
+                    rs.heal(victim)
+                    plain.wait_hosts(timeout=30)
     finally:
         plain.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -278,6 +351,9 @@ def versions() -> dict[str, str]:
     return {"envoy": v.rsplit("version: ", 1)[-1], "tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}
 
 
+DIRECT, THROUGH = "front door → one replica (its socket)", "front door → Envoy → 2 replicas"
+
+
 def render(res: dict[str, Any]) -> str:
     lat, thr, faults = res["latency_c1"], res["throughput_c16"], res["faults"]
     frows = [[fault, "on (`previous_hosts`)" if k == "retries" else "off", f["ok"], f"**{f['errors']}**", f["wrong"],
@@ -287,49 +363,53 @@ def render(res: dict[str, Any]) -> str:
     for proto in PROTOCOLS:
         for path in ("direct", "envoy"):
             p = lat[proto][path]
-            rows.append([proto, "one replica, direct" if path == "direct" else "Envoy, 2 replicas",
+            rows.append([proto, DIRECT if path == "direct" else THROUGH,
                          f"{p['p50']:.2f}", f"{p['p95']:.2f}", f"{p['p99']:.2f}", p["n"]])
         rows.append([proto, "**Envoy's added p50**", f"**{lat[proto]['added_p50_ms']:+.2f}**", "", "", ""])
-    trows = [[("Envoy, 2 replicas" if path == "envoy" else "one replica, direct"), f"{thr[path]['rps']:.0f}",
+    trows = [[(THROUGH if path == "envoy" else DIRECT), f"{thr[path]['rps']:.0f}",
               " / ".join(f"{x['rps']:.0f}" for x in thr[path]["rounds"]), f"{thr[path]['p50']:.1f}"]
              for path in ("direct", "envoy")]
     return "\n".join([
-        "# Scale-out: Envoy in front of tritonserver replicas",
+        "# Scale-out: Envoy in front of private tritonserver replicas, behind the front door",
         "",
         f"Model `{res['model']}` (python backend + onnxruntime), batch 1, real test images; "
         f"{res['cpus']} CPU cores; Envoy {res['versions']['envoy']}, tritonserver {res['versions']['tritonserver']}. "
         f"Command: `{res['command']}` ({res['seconds']:.0f} s).",
         "",
+        "Every request goes through a front door (HTTP + gRPC, the validating surface of `make serve`, each in a "
+        "process of its own). The replicas are private (gRPC on a unix socket, no HTTP, no admin key); Envoy listens "
+        "on a unix socket that only the front door reaches. The two paths differ only in what is behind two "
+        "identical front doors: Envoy with 2 replicas, or one of those replicas' sockets directly.",
+        "",
         "## Added latency at concurrency 1 (ms; the two paths alternate request by request)",
         "",
-        md_table(["protocol", "path", "p50", "p95", "p99", "n"], rows),
+        md_table(["protocol (client → front door)", "path", "p50", "p95", "p99", "n"], rows),
         "",
         f"## Throughput at concurrency 16 (gRPC; {res['rounds']} alternating rounds of {res['duration']:g} s)",
         "",
         md_table(["path", "req/s (mean)", "per round", "p50 ms"], trows),
         "",
-        f"Envoy with 2 replicas / one replica direct: **{thr['ratio_envoy_over_direct']:.2f}x**. The host was shared "
-        f"with other work (1-minute load average {res['loadavg_1m']['start']:.1f} at the start, "
+        f"Through Envoy with 2 replicas / one replica direct: **{thr['ratio_envoy_over_direct']:.2f}x**. The host was "
+        f"shared with other work (1-minute load average {res['loadavg_1m']['start']:.1f} at the start, "
         f"{res['loadavg_1m']['end']:.1f} at the end, on {res['cpus']} cores): compare rounds, not single figures.",
         "",
         "## Faults under load: client-visible errors with and without Envoy's retry policy",
         "",
-        "Two Envoys in front of the same 2 replicas at once, each with its own closed-loop load (2 gRPC + 2 HTTP "
-        "clients that never retry, every answer checked against onnxruntime); the fault hits both. The stub's "
-        "replica is healed (drained, model reloaded) after the count.",
+        "Two Envoys in front of the same 2 replicas at once, each behind its own front door with its own closed-loop "
+        "load (2 gRPC + 2 HTTP clients that never retry, every answer checked against onnxruntime); the fault hits "
+        "both. The stub's replica is healed (drained, model reloaded) after the count.",
         "",
         md_table(["fault", "Envoy retries", "ok", "errors", "wrong", "retries", "retry successes", "ejections"],
                  frows),
         "",
         "**What this host can and cannot show.** With 2 CPU cores, one replica already has both cores (its "
-        "onnxruntime session, its python stub, the gRPC frontend) and the client, Envoy and the second replica "
-        "compete for the same two cores. So 2 replicas cannot show throughput scaling here: the ratio above measures "
-        "the cost of the extra hop and of splitting the cores, not what a second machine (or a second GPU) would "
-        "add. Spreading the same 16 requests over two replicas also halves each one's dynamic batches, and Envoy's "
-        "own worker threads take CPU from them. What replicas give on this host is availability (a replica or its "
-        "python stub killed under load, "
-        "0 client-visible errors: `tests/test_scaleout.py`), not speed. Throughput scaling needs one replica per "
-        "core set or per host.",
+        "onnxruntime session, its python stub, the gRPC frontend), and the clients, the front door (Python), Envoy "
+        "and the second replica compete for the same two cores. So 2 replicas cannot show throughput scaling here: "
+        "the ratio above measures the cost of the extra hop and of splitting the cores, not what a second machine "
+        "(or a second GPU) would add. Spreading the same 16 requests over two replicas also halves each one's "
+        "dynamic batches, and Envoy's own worker threads take CPU from them. What replicas give on this host is "
+        "availability (a replica or its python stub killed under load, 0 client-visible errors: "
+        "`tests/test_scaleout.py`), not speed. Throughput scaling needs one replica per core set or per host.",
         "",
     ])
 
@@ -351,23 +431,25 @@ def main(argv: list[str] | None = None) -> int:
         model = "cnn" if a.models == ["all"] else models[0]  # one small model: the tier is measured, not it
         t0, load0 = time.monotonic(), os.getloadavg()[0]  # a shared host: say how busy it was
         cases = reference_cases(model, 16, repo=a.repo)
-        with ReplicaSet(a.repo, [model], 2, watchdog_s=0) as rs:
-            one = rs.replicas[0].server
-            direct = {"grpc": one.grpc_url, "http": one.http_url}
-            envoy = {"grpc": rs.grpc_url, "http": rs.http_url}
-            # every answer through Envoy checked once before timing
-            with Load(envoy, model, cases, workers=1) as load:
-                load.wait_for(32)
-            check = load.result
-            if check.errors or check.wrong:
-                raise RuntimeError(f"answers through Envoy failed: {check.summary()}")
+        with ReplicaSet(a.repo, [model], 2, watchdog_s=0) as rs, \
+                front_door_process(rs.grpc_url) as envoy, \
+                front_door_process(rs.replicas[0].server.grpc_url) as direct:
+            # every answer through both paths checked once before timing
+            checked = {}
+            for path, door in (("envoy", envoy), ("direct", direct)):
+                with Load(door, model, cases, workers=1) as load:
+                    load.wait_for(32)
+                checked[path] = load.result.summary()
+                if load.result.errors or load.result.wrong:
+                    raise RuntimeError(f"answers through the front door ({path}) failed: {checked[path]}")
             lat = added_latency(model, envoy, direct, cases, a.requests)
-            thr = throughput(model, rs.grpc_url, one.grpc_url, cases, a.duration, a.rounds)
+            thr = throughput(model, envoy["grpc"], direct["grpc"], cases, a.duration, a.rounds)
             faults = fault_comparison(rs, model, cases)
         res = {"model": model, "cpus": os.cpu_count(), "versions": versions(), "latency_c1": lat,
                "throughput_c16": thr, "faults": faults, "duration": a.duration, "rounds": a.rounds,
                "requests": a.requests,
-               "checked_through_envoy": check.summary(),
+               "checked": checked,
+               "paths": {"direct": DIRECT, "envoy": THROUGH},
                "command": " ".join(["python -m serving.scaleout_bench",
                                      *(argv if argv is not None else sys.argv[1:])]),
                "loadavg_1m": {"start": load0, "end": os.getloadavg()[0]}}
