@@ -10,7 +10,7 @@ import pytest
 from training import paths
 from training.registry import Stage, TrainRecipe, get_spec
 from training.study import Arm, Claim, Study, get_study, list_studies, run_study, seeded, summarize
-from training.train import _stages
+from training.train import plan_stages
 
 
 @pytest.fixture
@@ -110,6 +110,6 @@ def test_registered_studies_build():
 def test_stage_override_scales_every_stage():
     r = TrainRecipe(stages=(Stage("a", 300), Stage("b", 100)))
     assert r.total_steps == 400
-    assert [st.steps for st in _stages(r, 40)] == [30, 10]
-    assert [st.steps for st in _stages(r, None)] == [300, 100]
-    assert [st.steps for st in _stages(TrainRecipe(steps=50), None)] == [50]
+    assert [st.steps for st in plan_stages(r, 40)] == [30, 10]
+    assert [st.steps for st in plan_stages(r, None)] == [300, 100]
+    assert [st.steps for st in plan_stages(TrainRecipe(steps=50), None)] == [50]

@@ -17,7 +17,7 @@ from typing import Any
 
 from training import paths
 from training.images import ImagePreprocess
-from training.registry import Dim, ModelSpec, TensorSpec
+from training.specs import Dim, ModelSpec, TensorSpec
 from training.tasks import Classification
 
 SPEC_SUFFIX = ".spec.json"
@@ -38,7 +38,7 @@ def _scaled(d: Dim, r: float) -> Dim:
     return Dim(d.name, max(1, round(d.min * r)), max(1, round(d.opt * r)), max(1, round(d.max * r)))
 
 
-def _image_side(spec: ModelSpec) -> int:
+def image_side(spec: ModelSpec) -> int:
     t = spec.image_input
     if t is None:
         raise DerivationError(f"model {spec.name!r} cannot be trained on image files: it takes "
@@ -81,7 +81,7 @@ def derive_spec(base: ModelSpec, info: dict[str, Any]) -> ModelSpec:
     """The spec of a derived model from its base spec and its ``.spec.json`` content."""
     size = int(info["size"])
     classes = tuple(info["classes"])
-    r = size / _image_side(base)
+    r = size / image_side(base)
     base_classes = _num_classes(base)
     k = len(classes)
     inputs = tuple(_tensor(t, r, base_classes, k, IN_CHANS) for t in base.inputs)
@@ -92,7 +92,7 @@ def derive_spec(base: ModelSpec, info: dict[str, Any]) -> ModelSpec:
         return base_builder(in_chans=in_chans, num_classes=num_classes, **kw)
 
     build.__module__ = base_builder.__module__  # the fingerprint hashes the family's code, not this file's
-    side = _image_side(dataclasses.replace(base, inputs=inputs))
+    side = image_side(dataclasses.replace(base, inputs=inputs))
     dims = [a for a in inputs[0].axes if isinstance(a, Dim)]
     second = min(round(side * 1.25), min(d.max for d in dims))
     recipe = dataclasses.replace(
@@ -158,66 +158,3 @@ def load_user_spec(path: Path, base: ModelSpec) -> ModelSpec:
 
 
 RESERVED_SUFFIXES = ("_image", "_preprocess", "_int8", "_trt")
-
-
-def resolve_base(name: str) -> ModelSpec:
-    """A registered model name, or a family with one model (``cnn``, ``racnn``, ``mhsa``...)."""
-    from training.registry import get_spec, list_models
-
-    if name in list_models():
-        return get_spec(name)
-    family = [m for m in list_models(family=name) if "derived_from" not in get_spec(m).extra]
-    if len(family) == 1:
-        return get_spec(family[0])
-    if family:
-        raise DerivationError(f"family {name!r} has several models, name one: {', '.join(family)}")
-    zoo = [m for m in list_models() if "derived_from" not in get_spec(m).extra]
-    raise DerivationError(f"unknown model or family {name!r}; known models: {', '.join(zoo)}")
-
-
-def check_name(name: str) -> None:
-    import re
-
-    from training.registry import list_models
-
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", name) or name.endswith(RESERVED_SUFFIXES):
-        raise DerivationError(f"model name {name!r}: use letters, digits, '_' and '-', starting with a letter, "
-                              f"not ending in {', '.join(RESERVED_SUFFIXES)}")
-    if name in list_models() and not spec_path(name).exists():
-        raise DerivationError(f"model name {name!r} is a model of the zoo; choose another --name")
-
-
-def create_user_model(base_name: str, data: str | Path, name: str, layout: str | None = None,
-                      size: int | None = None, steps: int | None = None, skip_bad_images: bool = False,
-                      seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Scan the tree, measure its normalisation, write ``NAME.spec.json``, train and save NAME; returns the
-    training record (with ``skipped``: the bad images left out)."""
-    from training import registry, userdata
-    from training.train import train_model
-
-    base = resolve_base(base_name)
-    check_name(name)
-    ds = userdata.scan(data, layout)
-    size = size or _image_side(base)
-    pre = ImagePreprocess(size, IN_CHANS)
-    bad: list[str] = []
-    for split in ("train", "test"):
-        _, _, b = userdata.load_resized(ds.split(split), pre.resize_side, IN_CHANS, skip_bad_images,
-                                        desc=f"decode {split}")
-        bad += b
-    mean, std = userdata.channel_stats(ds, pre, skip_bad_images)
-    n_test = len(ds.test) - sum(1 for b in bad if any(b.startswith(str(i.path)) for i in ds.test))
-    info = {"name": name, "base": base.name, "data": ds.source, "layout": ds.layout, "size": size,
-            "classes": list(ds.classes), "mean": list(mean), "std": list(std), "data_digest": ds.digest(),
-            "has_boxes": ds.has_boxes, "train_images": len(ds.train), "test_images": len(ds.test),
-            "train_size": train_samples(len(ds.train), size), "test_size": n_test, "steps": steps, "seed": seed,
-            "skip_bad_images": skip_bad_images, "skipped": bad}
-    spec = derive_spec(base, info)
-    check_shapes(spec)
-    write_spec(info)
-    registry._REGISTRY.pop(name, None)  # a retrained user model replaces its earlier spec
-    registry._USER_SPECS_LOADED.discard(str(spec_path(name)))
-    registry.register_model(spec)
-    registry._USER_SPECS_LOADED.add(str(spec_path(name)))
-    record = train_model(spec, progress=progress)
-    return {**record, "skipped": bad, "spec_file": str(spec_path(name))}

@@ -9,6 +9,7 @@ beside the shipped weights. Results go to ``reports/study_<name>.{json,md,png}``
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import statistics
 from collections.abc import Callable
@@ -79,17 +80,25 @@ def register_study(name: str) -> Callable[[Callable[[], Study]], Callable[[], St
     return wrap
 
 
-def get_study(name: str) -> Study:
-    import training.studies  # noqa: F401  (registers the studies)
+# The modules that register studies (plugins, timm's habit for models): loaded by name on first lookup, as
+# ``training.models`` loads the families, so that the catalog imports this framework and not the reverse.
+STUDY_MODULES = ("training.studies",)
 
+
+def _load_catalog() -> None:
+    for module in STUDY_MODULES:
+        importlib.import_module(module)
+
+
+def get_study(name: str) -> Study:
+    _load_catalog()
     if name not in _STUDIES:
         raise KeyError(f"unknown study {name!r}; known studies: {', '.join(sorted(_STUDIES))}")
     return _STUDIES[name]()
 
 
 def list_studies() -> list[str]:
-    import training.studies  # noqa: F401
-
+    _load_catalog()
     return sorted(_STUDIES)
 
 

@@ -85,7 +85,7 @@ def bar_failures(spec: ModelSpec, metrics: dict[str, float]) -> list[str]:
     return failures
 
 
-def _stages(r: TrainRecipe, steps: int | None) -> list[Stage]:
+def plan_stages(r: TrainRecipe, steps: int | None) -> list[Stage]:
     """The recipe's stages (one plain stage without them); a ``steps`` override scales each stage."""
     stages = list(r.stages) or [Stage("train", r.steps)]
     if steps is None:
@@ -97,8 +97,24 @@ def _stages(r: TrainRecipe, steps: int | None) -> list[Stage]:
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+def stage_parameters(stage: Stage, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a stage trains: its ``params`` pick, or all of the model's."""
+    return stage.params(model) if stage.params is not None else list(model.parameters())
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                   steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a linear warm-up (5% of ``steps``) and a cosine decay to zero over ``steps``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    return opt, sched
+
+
 def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float, weight_decay: float,
-               loss_fn: Any, batches: Any, desc: str, progress: bool) -> None:
+               loss_fn: Any, batches: Any, desc: str, progress: bool, groups: Any = None) -> None:
     """AdamW with a linear warm-up (5%) and a cosine decay over the stage's steps, in the recipe's precision."""
     if spec.train.precision not in PRECISIONS:
         raise ValueError(f"model {spec.name!r}: unknown training precision {spec.train.precision!r}; "
@@ -106,12 +122,8 @@ def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float,
     low = PRECISIONS[spec.train.precision]
     fmt = torch.channels_last if spec.train.channels_last else torch.contiguous_format
     steps = stage.steps
-    params = stage.params(model) if stage.params is not None else list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    params = stage_parameters(stage, model)
+    opt, sched = make_optimizer(groups(model, params, lr) if groups else params, lr, weight_decay, steps)
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=2)
     for step in bar:
@@ -128,9 +140,12 @@ def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float,
 
 
 def train_model(model: str | ModelSpec, steps: int | None = None, train_size: int | None = None,
-                test_size: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
+                test_size: int | None = None, save: bool = True, progress: bool = True,
+                initializer: Any = None) -> dict[str, Any]:
     """Train a registered model (by name) or any spec (a study's variant) with its recipe (overrides are for
-    tests), evaluate, and save the checkpoint unless ``save`` is False.
+    tests), evaluate, and save the checkpoint unless ``save`` is False. ``initializer(model)`` (fine-tuning,
+    training.finetune) loads starting weights into the built model and may return a function
+    ``(model, params, lr) -> parameter groups`` for the optimizer.
 
     Returns the record saved beside the weights: ``metrics``, ``bar_failures``, ``fingerprint``, ``host``."""
     spec = model if isinstance(model, ModelSpec) else get_spec(model)
@@ -140,9 +155,10 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
     train = split_for(spec, "train", train_size or r.train_size)
     test = split_for(spec, "test", test_size or r.test_size)
     model = spec.builder()
+    groups = initializer(model) if initializer is not None else None
     if r.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stages = _stages(r, steps)
+    stages = plan_stages(r, steps)
     batches = _batches(train, min(r.batch_size, len(train["label"])), np.random.default_rng(r.seed))
     start = time.perf_counter()
     for st in stages:
@@ -150,7 +166,8 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
             st.setup(model, train)
         _run_stage(spec, model, st, r.lr if st.lr is None else st.lr, r.weight_decay,
                    st.loss or r.loss or spec.task.loss, batches,
-                   desc=f"train {name}" + (f" [{st.name}]" if len(stages) > 1 else ""), progress=progress)
+                   desc=f"train {name}" + (f" [{st.name}]" if len(stages) > 1 else ""), progress=progress,
+                   groups=groups)
     train_s = time.perf_counter() - start
     model = model.to(memory_format=torch.contiguous_format)  # what export and the checkpoint see
     metrics: dict[str, Any] = evaluate(spec, model, test)
