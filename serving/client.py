@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from serving.cli import cli_error
+from serving.contract import Contract
 from serving.server import TRITON_RELOADING
 from training.tasks import output_kind
 
@@ -105,13 +106,10 @@ class ModelInfo:
                                       tuple(int(d) for d in t["dims"]), bool(t.get("optional", False))))
             return tuple(out)
 
-        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        bounds = {k: {int(a): (int(r[0]), int(r[1])) for a, r in v.items()}
-                  for k, v in json.loads(params.get("input_bounds") or "{}").items()}
-        ranges = {k: (float(v[0]), float(v[1])) for k, v in json.loads(params.get("input_ranges") or "{}").items()}
+        c = Contract.from_config(cfg)
         return ModelInfo(cfg["name"], int(cfg.get("max_batch_size", 0)), tensors("input"), tensors("output"),
-                         json.loads(params.get("output_kinds") or "{}"), params.get("description", ""), bounds,
-                         ranges, tuple(t["name"] for t in cfg.get("output", []) if t.get("label_filename")))
+                         c.output_kinds, c.description, c.input_bounds, c.input_ranges,
+                         tuple(t["name"] for t in cfg.get("output", []) if t.get("label_filename")))
 
     def input_shape_text(self, t: TensorInfo) -> str:
         return "[" + ", ".join(["B", *("?" if d < 0 else str(d) for d in t.dims)]) + "]"

@@ -60,6 +60,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
 from serving.cli import cli_error
+from serving.contract import Contract, ContractError
 from serving.server import TRITON_RELOADING
 from training.images import ImageError, ImagePreprocess
 
@@ -158,19 +159,14 @@ class ModelRules:
             return "BYTES" if name == "STRING" else name
 
         try:
-            text = cfg.parameters["input_bounds"].string_value if "input_bounds" in cfg.parameters else ""
-            raw = json.loads(text or "{}")
-            bounds = {k: {int(a): (int(r[0]), int(r[1])) for a, r in v.items()} for k, v in raw.items()}
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            bounds = {}  # a malformed parameter: Triton's own checks still apply
+            contract = Contract.from_config(cfg)
+        except ContractError:
+            contract = Contract(input_bounds={})  # a malformed parameter: the backend's own checks still apply
+        bounds = contract.input_bounds or {}
         inputs = {i.name: InputRule(i.name, dtype(i.data_type), tuple(int(d) for d in i.dims),
                                     bounds.get(i.name, {}), bool(i.optional)) for i in cfg.input}
-        try:
-            text = cfg.parameters["preprocess"].string_value if "preprocess" in cfg.parameters else ""
-            preprocess = ImagePreprocess.from_json(text) if text else None
-        except (ValueError, TypeError, KeyError):
-            preprocess = None  # the backend still applies its own limits
-        return ModelRules(cfg.name, int(cfg.max_batch_size), inputs, tuple(o.name for o in cfg.output), preprocess)
+        return ModelRules(cfg.name, int(cfg.max_batch_size), inputs, tuple(o.name for o in cfg.output),
+                          contract.preprocess)
 
 
 @dataclass

@@ -12,10 +12,11 @@ Two Triton models per image model, generated beside its own:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.contract import Contract
 from training import layout
 
 if TYPE_CHECKING:
@@ -68,15 +69,15 @@ def preprocess_config(spec: ModelSpec) -> Any:
     cfg.instance_group.add(count=max(PREPROCESS_INSTANCES, spec.serving.instance_count),
                            kind=mc.ModelInstanceGroup.KIND_CPU)
     cfg.version_policy.latest.num_versions = 1
-    set_parameters(cfg, {"preprocess": pre.to_json(),
-                         "description": f"encoded image files -> {spec.name}'s input '{image.name}'"})
+    set_parameters(cfg, Contract(f"encoded image files -> {spec.name}'s input '{image.name}'",
+                                 preprocess=pre).parameters())
     return cfg
 
 
 def image_config(spec: ModelSpec) -> Any:
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from serving.modelconfig import add_tensors, client_parameters, set_parameters
+    from serving.modelconfig import add_tensors, client_contract, set_parameters
 
     image = spec.image_input
     cfg = mc.ModelConfig(name=image_model_name(spec), max_batch_size=spec.serving.max_batch_size,
@@ -92,9 +93,8 @@ def image_config(spec: ModelSpec) -> Any:
     second = cfg.ensemble_scheduling.step.add(model_name=spec.name, model_version=-1)
     second.input_map[image.name] = IMAGE_TENSOR
     second.output_map.update({t.name: t.name for t in spec.outputs})
-    params = client_parameters(spec, [file_input()], spec.outputs)
-    params["preprocess"] = spec.image_preprocess().to_json()
-    set_parameters(cfg, params)
+    contract = client_contract(spec, [file_input()], spec.outputs)
+    set_parameters(cfg, dataclasses.replace(contract, preprocess=spec.image_preprocess()).parameters())
     return cfg
 
 
@@ -128,8 +128,3 @@ def write_image_models(spec: ModelSpec, root: Path) -> list[Path]:
         written.append(path)
     return written
 
-
-def preprocess_json(cfg: dict) -> dict | None:
-    """The eval transform a served ``<name>_image`` config declares (JSON config as the server returns it)."""
-    p = cfg.get("parameters", {}).get("preprocess", {}).get("string_value")
-    return json.loads(p) if p else None

@@ -4,13 +4,13 @@ atomic file writes of a repository. What ``serving.repository`` (a spec's models
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from serving.contract import Contract
     from training.registry import ModelSpec, TensorSpec
 
 
@@ -57,17 +57,19 @@ def set_parameters(cfg: Any, params: dict[str, str]) -> None:
         cfg.parameters[k].string_value = v
 
 
-def client_parameters(spec: ModelSpec, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> dict:
-    """What clients (and the backend) read from a config: how to present each output, the inputs' bounds and
-    value ranges, the optional inputs' defaults, a description."""
+def client_contract(spec: ModelSpec, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> Contract:
+    """What clients (and the backend) read from a config (``serving.contract``): how to present each output, the
+    inputs' bounds and value ranges, the optional inputs' defaults, a description."""
+    from serving.contract import Contract
+
     inputs = tuple(inputs)
-    return {
-        "output_kinds": json.dumps({t.name: t.kind for t in outputs}),
-        "input_bounds": json.dumps(input_bounds(inputs)),
-        "input_ranges": json.dumps(input_ranges(inputs)),
-        "input_defaults": json.dumps({t.name: t.default for t in inputs if t.optional}),
-        "description": spec.description,
-    }
+    return Contract(spec.description, {t.name: t.kind for t in outputs}, input_bounds(inputs), input_ranges(inputs),
+                    {t.name: t.default for t in inputs if t.optional})
+
+
+def client_parameters(spec: ModelSpec, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> dict:
+    """``client_contract`` as the config's parameters."""
+    return client_contract(spec, inputs, outputs).parameters()
 
 
 def config_text(cfg: Any) -> str:

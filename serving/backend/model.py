@@ -22,6 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from export.runtime import intra_op_threads, ort_session
+from serving.contract import Contract, ContractError
 
 
 class BadRequest(ValueError):
@@ -50,13 +51,14 @@ class TritonPythonModel:
             self.session = ort_session(path, threads=threads, spinning=params.get("allow_spinning") == "1")
         except Exception as e:  # onnxruntime raises its own types for corrupt/unreadable graphs
             raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file {path} ({e})") from None
-        # {input: {per-sample axis: [min, max]}}: the dynamic axes' allowed sizes (the TensorRT profile's range)
-        bounds = json.loads(params.get("input_bounds") or "{}")
-        self.bounds = {k: {int(a): r for a, r in v.items()} for k, v in bounds.items()}
-
+        try:
+            contract = Contract.from_parameters(params, self.name)
+        except ContractError as e:
+            raise pb_utils.TritonModelException(str(e)) from None
+        # {input: {per-sample axis: (min, max)}}: the dynamic axes' allowed sizes (the TensorRT profile's range)
+        self.bounds = contract.input_bounds
         # Optional inputs a request may leave out ({name: default}) and integer inputs' allowed values.
-        self.defaults = json.loads(params.get("input_defaults") or "{}")
-        self.ranges = json.loads(params.get("input_ranges") or "{}")
+        self.defaults, self.ranges = contract.input_defaults, contract.input_ranges
         self.in_specs = {i["name"]: (pb_utils.triton_string_to_numpy(i["data_type"]), [int(d) for d in i["dims"]])
                          for i in cfg["input"]}
         self.inputs = [i["name"] for i in cfg["input"]]

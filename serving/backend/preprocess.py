@@ -18,7 +18,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from training.images import ImageError, ImagePreprocess
+from serving.contract import Contract
+from training.images import ImageError
 
 
 def _error(message: str):
@@ -31,8 +32,10 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         cfg = json.loads(args["model_config"])
         self.name = cfg["name"]
-        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        self.pre = ImagePreprocess.from_json(params["preprocess"])
+        pre = Contract.from_config(cfg).preprocess
+        if pre is None:
+            raise pb_utils.TritonModelException(f"model '{self.name}': its config has no 'preprocess' parameter")
+        self.pre = pre
         self.input = cfg["input"][0]["name"]
         self.output = cfg["output"][0]["name"]
 
