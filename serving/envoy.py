@@ -36,7 +36,6 @@ import http.client
 import importlib.util
 import json
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -45,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from serving.process import terminate
 
 CLUSTER = "triton_grpc"
 ADMIN_CLUSTER = "envoy_admin"
@@ -317,17 +318,8 @@ class Envoy:
         return ""
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return terminate(proc)
 
     # -- what Envoy says
     def stats(self) -> dict[str, int]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.cli import cli_error
+from serving.process import terminate
 from serving.server import TritonServer, free_ports
 from training import layout
 
@@ -219,13 +220,7 @@ class LocalS3:
         return re.findall(r'"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/', text)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
         self.log_path.unlink(missing_ok=True)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.cli import cli_error
+from serving.process import terminate
 from serving.server import free_ports
 
 TRITON_JOB, ENVOY_JOB = "attnzoo-triton", "attnzoo-envoy"  # the names deploy/prometheus/rules.yml selects on
@@ -140,13 +141,7 @@ class Prometheus:
         return {rule["name"]: rule.get("health", "unknown") for g in body["data"]["groups"] for rule in g["rules"]}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
         if self._own:
             shutil.rmtree(self.workdir, ignore_errors=True)

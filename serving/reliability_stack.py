@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.process import terminate
+
 NOBODY = 65534
 
 
@@ -87,13 +89,7 @@ def running_stack(repo: Path, models: list[str], *extra: str, timeout: float = 1
             time.sleep(0.2)
         yield stack
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, 30)
         stack.log.unlink(missing_ok=True)
 
 

@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 from training import paths
 from training.checkpoints import save_checkpoint
-from training.datasets import split_for
 from training.fingerprint import host_fingerprint, weights_fingerprint
 from training.registry import ModelSpec, get_spec
 from training.train import (
@@ -53,8 +52,8 @@ from training.train import (
     bar_failures,
     data_feeds,
     make_optimizer,
-    plan_stages,
     predict,
+    prepare,
     stage_parameters,
     training_forward,
 )
@@ -305,16 +304,10 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
     ctx = join()
     spec = model if isinstance(model, ModelSpec) else get_spec(model)
     r = spec.train
-    torch.manual_seed(r.seed)  # every rank alike: the same initial weights (DDP broadcasts rank 0's anyway)
-    train = split_for(spec, "train", train_size or r.train_size)
-    test = split_for(spec, "test", test_size or r.test_size)
-    net = spec.builder()
-    groups = initializer(net) if initializer is not None else None
-    if r.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    # every rank alike: the same seed, so the same initial weights (DDP broadcasts rank 0's anyway)
+    train, test, net, groups, stages = prepare(spec, steps, train_size, test_size, initializer)
     net, n_bn = sync_batchnorm(net, ctx.device)
     net = net.to(ctx.device)
-    stages = plan_stages(r, steps)
     global_batch = min(r.batch_size, len(train["label"]) // ctx.world * ctx.world)
     batches = ShardedBatches(train, global_batch, ctx.rank, ctx.world, r.seed)
     fingerprint = weights_fingerprint(spec, steps, len(train["label"]), len(test["label"]))

@@ -139,6 +139,22 @@ def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float,
             bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()})
 
 
+def prepare(spec: ModelSpec, steps: int | None, train_size: int | None, test_size: int | None,
+            initializer: Any = None) -> tuple[dict, dict, torch.nn.Module, Any, list]:
+    """What every training run starts from, in this order (the seed first, so every process builds the same
+    model): the data splits, the model (its starting weights from ``initializer``; channels-last where the recipe
+    says), the optimizer's parameter groups the initializer returns, and the recipe's stages."""
+    r = spec.train
+    torch.manual_seed(r.seed)
+    train = split_for(spec, "train", train_size or r.train_size)
+    test = split_for(spec, "test", test_size or r.test_size)
+    model = spec.builder()
+    groups = initializer(model) if initializer is not None else None
+    if r.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return train, test, model, groups, plan_stages(r, steps)
+
+
 def train_model(model: str | ModelSpec, steps: int | None = None, train_size: int | None = None,
                 test_size: int | None = None, save: bool = True, progress: bool = True,
                 initializer: Any = None) -> dict[str, Any]:
@@ -151,14 +167,7 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
     spec = model if isinstance(model, ModelSpec) else get_spec(model)
     name = spec.name
     r = spec.train
-    torch.manual_seed(r.seed)
-    train = split_for(spec, "train", train_size or r.train_size)
-    test = split_for(spec, "test", test_size or r.test_size)
-    model = spec.builder()
-    groups = initializer(model) if initializer is not None else None
-    if r.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    stages = plan_stages(r, steps)
+    train, test, model, groups, stages = prepare(spec, steps, train_size, test_size, initializer)
     batches = _batches(train, min(r.batch_size, len(train["label"])), np.random.default_rng(r.seed))
     start = time.perf_counter()
     for st in stages:
