@@ -1,7 +1,9 @@
 """Runners: one interface, ``infer(feeds: dict[str, ndarray]) -> dict[str, ndarray]``, for every runtime.
 
 Polygraphy's ``BaseRunner`` shape, kept small: torch (the reference), onnxruntime, a composed pipeline of
-runners (what a Triton ensemble or BLS model computes), and TensorRT (``export.tensorrt.runner``). Triton
+runners (what a Triton ensemble or BLS model computes), TensorRT (``export.tensorrt.runner``) and OpenVINO
+(``export.openvino_runner.OpenVinoRunner``, a second CPU engine; ``export.host_choice.cpu_runner`` builds either
+CPU engine for a spec's deployed graphs). Triton
 over gRPC or HTTP is ``serving.client.Client``, which has the same ``infer``. Comparing any two is
 ``export.compare.compare(a.infer(feeds), b.infer(feeds), spec.outputs, tol)``.
 """

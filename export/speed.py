@@ -2,6 +2,8 @@
 
 Interleaves the two runtimes per round so that load spikes on a noisy host hit both alike, and
 reports p50/p95/p99 per call plus the p50 speed-up. A benchmark, not a test: it asserts nothing.
+OpenVINO, torch.compile and onnxruntime with spinning on, side by side per host: ``export.peers``
+(``make bench-peers``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ onnxruntime (CPU, 2 threads) at batch 1, 8 and 32, all variants of a model inter
 p99), and the fastest variant whose gate passed is named per batch size; a variant that missed its gate, or has
 no recorded gate, is measured but never picked. Writes reports/variants.{md,json,png}.
 
+The fastest variant depends on the host (int8 is slower than fp32 on AVX2 hosts without VNNI): what to serve on
+a given host is chosen there by ``export.host_choice`` (every CPU engine and threading setting, gated on that
+host), cached per instruction set; this report is the one host's measurement it was made on.
+
 Note: onnxruntime's CPU kernels compute an FP16 graph in fp32 between Casts, so fp16 is not a CPU speed
 variant (it is what TensorRT engines are built from); it is measured so the table says so.
 """

@@ -1,0 +1,428 @@
+"""``python -m export.host_choice [models]``: which engine, precision and threading to serve, chosen on THIS host.
+
+The shipped "best variant" (``reports/variants.json``) was measured on one host and says nothing about another:
+on an AVX2-only host onnxruntime's int8 graphs are slower than its fp32 for most models, and OpenVINO's int8
+answers for some graphs are wrong. So, per model and per host instruction set:
+
+1. candidates: every variant graph (fp32; int8 where its graph exists; fp16 only where the engine has fp16
+   kernels on this CPU) x every available CPU engine (onnxruntime, OpenVINO) x threading setting (onnxruntime's
+   spin-wait off and on; OpenVINO has one);
+2. each candidate is gated on this host: int8 on every engine by the INT8 gate itself (``export.int8.gate.measure``
+   on that engine's answers here: int8 kernels differ by instruction set); onnxruntime fp32 by the recorded
+   parity gate (``export.variants.gates``); OpenVINO fp32 by parity with onnxruntime's fp32 on real test images
+   (the spec's per-output tolerance, top-1 agreement 1.0); a graph that does not compile fails its gate with the
+   engine's reason;
+3. candidates are timed side by side at batch 1 and 32 (interleaved rounds; each timed call follows an untimed
+   one, so that one session's spinning threads do not land on the next candidate's timed call);
+4. the choice: among candidates that passed their gate, and (for a precision other than fp32) are faster than the
+   same engine and threading's fp32 at every batch, the lowest geometric mean of p50 relative to the fastest
+   candidate at each batch, unless the project's default (onnxruntime fp32, spin-wait off) is within 5% of it
+   (``MARGIN``: a change must pay for itself beyond the run's noise). A variant slower than fp32 on this host is
+   therefore never chosen.
+
+Results are cached per host instruction set in ``artifacts/host_choice/<isa key>.json`` (the measurements, the
+gates, library versions and graph digests; an entry is re-measured when any of those changed).
+``choose(spec_name, host=None)`` is what a repository generator calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import paths
+from training.cli import model_names
+
+BATCHES = (1, 32)
+GATE_IMAGES = 500
+ROUNDS = 20
+ENGINES = ("onnxruntime", "openvino")
+DEFAULT = ("onnxruntime", "fp32", "spin off")  # what the project serves without a choice (export.runtime)
+MARGIN = 1.05  # another candidate replaces DEFAULT only when faster by more than this (the issue's noise bound)
+
+
+# ---------------------------------------------------------------- host key
+
+
+def isa_key(host: dict[str, Any] | None = None) -> str:
+    """A file-name-safe key for the host's instruction set: torch's dispatched capability, the kernel-selecting
+    CPU flags and any limit set on them (an emulated AVX2 run gets its own key)."""
+    from training.fingerprint import host_fingerprint
+
+    h = host or host_fingerprint()
+    flags = "+".join(h["cpu_flags"]) or "none"
+    limits = ",".join(f"{k}={v}" for k, v in sorted(h.get("isa_limits", {}).items()))
+    digest = hashlib.sha256(f"{flags}|{limits}".encode()).hexdigest()[:8]
+    return f"{h['machine']}-{h['cpu_capability'].lower()}-{digest}"
+
+
+def cache_path(host: dict[str, Any] | None = None, root: Path | None = None) -> Path:
+    return (root or paths.ARTIFACTS_DIR / "host_choice") / f"{isa_key(host)}.json"
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("onnxruntime", "openvino"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _digest(files: dict[str, Path]) -> str:
+    h = hashlib.sha256()
+    for g, p in sorted(files.items()):
+        h.update(g.encode() + Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- engines and timing
+
+
+def engines() -> list[str]:
+    from export.openvino_runner import available
+
+    return ["onnxruntime", *(["openvino"] if available() else [])]
+
+
+def settings(engine: str) -> list[str]:
+    """Threading settings per engine: onnxruntime's intra-op spin-wait off (the project's default) and on."""
+    return ["spin off", "spin on"] if engine == "onnxruntime" else ["default"]
+
+
+def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "spin off",
+               threads: int | None = None) -> Any:
+    """One runner for the deployed graphs ``files`` on ``engine`` with a threading ``setting``."""
+    from export.parity import deployed_runner
+    from export.runtime import intra_op_threads
+
+    threads = threads or intra_op_threads()
+    if engine == "onnxruntime":
+        return deployed_runner(spec, files, threads=threads, spinning=setting == "spin on")
+    if engine == "openvino":
+        from export.openvino_runner import openvino_deployed_runner
+
+        return openvino_deployed_runner(spec, files, threads=threads)
+    raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+
+
+def settled_interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = ROUNDS,
+                        warmup: int = 2, progress: Any = None) -> dict[str, dict[str, float]]:
+    """Runner key -> p50/p95/p99/mean ms per call, all runners interleaved per round; every timed call follows an
+    untimed one on the same runner (a spinning onnxruntime pool keeps burning cores just after its run)."""
+    from export.timing import percentiles
+
+    for _ in range(warmup):
+        for r in runners.values():
+            r.infer(feeds)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for key, r in runners.items():
+            r.infer(feeds)
+            t0 = time.perf_counter()
+            r.infer(feeds)
+            times[key].append((time.perf_counter() - t0) * 1e3)
+        if progress is not None:
+            progress.update(1)
+    return {k: percentiles(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------- gates
+
+
+def _fail(why: str) -> dict[str, Any]:
+    return {"passed": False, "why": why}
+
+
+def openvino_fp32_gate(spec: Any, files: dict[str, Path], batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+    """OpenVINO fp32 vs onnxruntime fp32 (which passed parity with torch) on real test images at each batch:
+    every output within the spec's fp32 tolerance, top-1 agreement 1.0."""
+    from export.compare import compare, merge, spec_tolerance
+    from export.openvino_runner import OpenVinoCompileError
+    from training.feeds import sample_feeds
+
+    try:
+        ov = cpu_runner(spec, files, "openvino")
+        ort = cpu_runner(spec, files, "onnxruntime")
+        feeds = sample_feeds(spec, max(batches), spec.train.canvas)
+        comps = [compare(ort.infer(x), ov.infer(x), spec.outputs, spec_tolerance(spec),
+                         where=f"{spec.name} OpenVINO fp32 vs onnxruntime at batch {b}")
+                 for b in batches for x in [{k: v[:b] for k, v in feeds.items()}]]
+    except OpenVinoCompileError as e:
+        return _fail(str(e))
+    failures = [f for c in comps for f in c.failures]
+    return {"passed": not failures, "why": "; ".join(failures[:3]), "max_abs": merge(comps)["max_abs"],
+            "batches": list(batches)}
+
+
+def int8_gate(spec: Any, files: dict[str, Path], engine: str, n: int = GATE_IMAGES,
+              reference: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The INT8 gate (agreement with the fp32 torch model, the task metric's drop) on ``engine``'s answers for
+    the int8 graphs ``files``, run on this host (int8 kernels differ by instruction set: the recorded gate is
+    another host's); a graph the engine cannot compile fails with its reason."""
+    from export.fp16.gate import reference_outputs
+    from export.int8.gate import measure, test_split
+    from export.openvino_runner import OpenVinoCompileError
+    from training.checkpoints import load_trained
+
+    feeds, data = test_split(spec, n)
+    try:
+        runner = cpu_runner(spec, files, engine)
+        ref = reference if reference is not None else reference_outputs(spec, load_trained(spec.name), feeds)
+        r = measure(spec, ref, files, feeds, data, runner=runner)
+    except OpenVinoCompileError as e:
+        return _fail(str(e))
+    out = {k: r[k] for k in ("n", "agreements", "agreement", "metric", "fp32_metric", "int8_metric", "metric_drop",
+                             "passed")}
+    out["why"] = "; ".join(f.split(": ", 1)[-1] for f in r["failures"][:3])
+    return out
+
+
+def int8_reference(spec: Any, n: int = GATE_IMAGES) -> dict[str, np.ndarray]:
+    """The fp32 torch model's outputs on the INT8 gate's ``n`` test images (shared by every engine's gate)."""
+    from export.fp16.gate import reference_outputs
+    from export.int8.gate import test_split
+    from training.checkpoints import load_trained
+
+    return reference_outputs(spec, load_trained(spec.name), test_split(spec, n)[0])
+
+
+def fp16_kernels(engine: str) -> bool:
+    """Whether ``engine`` computes fp16 natively on this CPU (onnxruntime's CPU kernels never do: they compute an
+    fp16 graph in fp32 between Casts; OpenVINO does where the CPU reports FP16, e.g. AVX512-FP16 or AMX-FP16)."""
+    if engine != "openvino":
+        return False
+    from export.openvino_runner import core
+
+    return "FP16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def gate(spec: Any, engine: str, variant: str, files: dict[str, Path], n: int = GATE_IMAGES,
+         reference: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Whether ``variant`` on ``engine`` may be served on this host: ``{"passed", "why", ...}``. ``reference``:
+    ``int8_reference(spec, n)``, computed once for every engine's int8 gate."""
+    from export.variants import gates
+
+    if variant == "fp16" and not fp16_kernels(engine):
+        return _fail(f"{engine} has no fp16 kernels on this CPU (it would compute in fp32 between Casts)")
+    if variant == "int8":
+        return int8_gate(spec, files, engine, n, reference)
+    if engine == "onnxruntime":
+        g = gates(spec.name)[variant]
+        return {"passed": bool(g["passed"]), "why": g.get("why") or ("" if g["passed"] else "missed its gate "
+                                                                      "(reports/parity|fp16|int8.json)"),
+                "agreement": g.get("agreement")}
+    if variant == "fp32":
+        return openvino_fp32_gate(spec, files)
+    return _fail(f"no {variant} gate for {engine}")
+
+
+# ---------------------------------------------------------------- the rule
+
+
+def candidate_key(engine: str, variant: str, setting: str) -> str:
+    return f"{engine} {variant} {setting}"
+
+
+def pick(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[int] = BATCHES,
+         margin: float = MARGIN) -> dict[str, Any] | None:
+    """The rule (module docstring, step 4) on measured candidates ``{engine, variant, setting, passed,
+    p50: {batch: ms}}``; returns the chosen candidate (with ``score``) or None when none is eligible."""
+    fp32 = {(c["engine"], c["setting"]): c for c in candidates if c["variant"] == "fp32" and c.get("p50")}
+    timed = [c for c in candidates if c.get("p50")]
+    best = {str(b): min(c["p50"][str(b)] for c in timed) for b in batches} if timed else {}
+
+    def eligible(c: dict[str, Any]) -> bool:
+        if not c.get("passed") or not c.get("p50"):
+            return False
+        if c["variant"] == "fp32":
+            return True
+        base = fp32.get((c["engine"], c["setting"]))
+        return base is not None and base.get("passed", False) and \
+            all(c["p50"][str(b)] < base["p50"][str(b)] for b in batches)
+
+    scored = [{**c, "score": math.exp(np.mean([math.log(c["p50"][str(b)] / best[str(b)]) for b in batches]))}
+              for c in timed if eligible(c)]
+    if not scored:
+        return None
+    fastest = min(scored, key=lambda c: c["score"])
+    default = next((c for c in scored if (c["engine"], c["variant"], c["setting"]) == DEFAULT), None)
+    # Within the run's noise the project's default stays: a change of engine or precision must pay for itself.
+    return default if default is not None and default["score"] <= fastest["score"] * margin else fastest
+
+
+# ---------------------------------------------------------------- measuring a model
+
+
+def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGES,
+                  batches: tuple[int, ...] = BATCHES, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from export.int8.speed import batch_of
+    from export.variants import variant_graphs
+    from training.feeds import sample_feeds
+    from training.registry import get_spec
+
+    spec = get_spec(name)
+    graphs = variant_graphs(spec)
+    if "fp32" not in graphs:
+        raise FileNotFoundError(f"no exported fp32 graph for {name!r} (run `make export`)")
+    candidates: list[dict[str, Any]] = []
+    runners: dict[str, Any] = {}
+    reference = int8_reference(spec, gate_images) if "int8" in graphs else None
+    for engine in engines():
+        for variant, files in graphs.items():
+            g = gate(spec, engine, variant, files, gate_images, reference)
+            for setting in settings(engine):
+                c = {"engine": engine, "variant": variant, "setting": setting, "passed": g["passed"],
+                     "why": g.get("why", ""), "gate": g}
+                candidates.append(c)
+                # fp16 without kernels is not timed (its gate says why); everything else that compiles is, so
+                # the table shows what a failed gate would have gained
+                if variant == "fp16" and not fp16_kernels(engine):
+                    continue
+                try:
+                    runners[candidate_key(engine, variant, setting)] = cpu_runner(spec, files, engine, setting)
+                except Exception as e:
+                    c["why"] = c["why"] or str(e).splitlines()[0]
+    feeds = sample_feeds(spec, max(batches), spec.train.canvas)
+    bar = tqdm(total=rounds * len(batches), desc=f"host choice {name}", disable=not progress, leave=False)
+    stats: dict[str, dict[str, Any]] = {}
+    for b in batches:
+        x = batch_of(feeds, b)
+        alive = {}
+        for k, r in runners.items():  # a graph that compiles lazily (OpenVINO static shapes) may fail here
+            try:
+                r.infer(x)
+                alive[k] = r
+            except Exception as e:
+                c = next(c for c in candidates if candidate_key(c["engine"], c["variant"], c["setting"]) == k)
+                c["passed"], c["why"] = False, c["why"] or str(e).splitlines()[0]
+        for k, s in settled_interleaved(alive, x, rounds, progress=bar).items():
+            stats.setdefault(k, {})[str(b)] = s
+    bar.close()
+    for c in candidates:
+        s = stats.get(candidate_key(c["engine"], c["variant"], c["setting"]))
+        if s and len(s) == len(batches):
+            c["latency"] = s
+            c["p50"] = {b: v["p50"] for b, v in s.items()}
+    chosen = pick(candidates, batches)
+    return {"model": name, "batches": list(batches), "rounds": rounds, "candidates": candidates,
+            "digests": {v: _digest(f) for v, f in graphs.items()}, "versions": _versions(),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "choice": None if chosen is None else {k: chosen[k] for k in ("engine", "variant", "setting", "score",
+                                                                           "p50")}}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _current(entry: dict[str, Any], name: str) -> bool:
+    from export.variants import variant_graphs
+    from training.registry import get_spec
+
+    graphs = variant_graphs(get_spec(name))
+    return entry.get("versions") == _versions() and entry.get("digests") == {v: _digest(f) for v, f in graphs.items()}
+
+
+def record(name: str, entry: dict[str, Any], path: Path | None = None) -> Path:
+    from training.fingerprint import host_fingerprint
+
+    path = path or cache_path()
+    data = _load(path)
+    data["isa_key"] = path.stem
+    data["host"] = {k: v for k, v in host_fingerprint().items() if k in ("cpu", "machine", "cpu_capability",
+                                                                         "cpu_flags", "isa_limits")}
+    data.setdefault("models", {})[name] = entry
+    data["models"] = dict(sorted(data["models"].items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def choose(spec_name: str, host: dict[str, Any] | None = None, *, refresh: bool = False,
+           root: Path | None = None, **measure_kw: Any) -> dict[str, Any]:
+    """The engine, variant and threading to serve ``spec_name`` with on ``host`` (a ``host_fingerprint()``
+    dict; default: this host), with the graph files and the measurement it came from.
+
+    This host: the cached entry when current, else measured now and cached. Another host: its cached entry, or a
+    ``LookupError`` saying to run ``python -m export.host_choice`` there (its speed cannot be measured from here).
+    ``root``: the cache folder (default ``artifacts/host_choice``)."""
+    from training.fingerprint import host_fingerprint
+
+    here = host_fingerprint()
+    path = cache_path(host, root)
+    is_here = host is None or isa_key(host) == isa_key(here)
+    entry = _load(path).get("models", {}).get(spec_name)
+    if is_here and (refresh or entry is None or not _current(entry, spec_name)):
+        entry = measure_model(spec_name, **measure_kw)
+        record(spec_name, entry, path)
+    if entry is None:
+        raise LookupError(f"no host choice for {spec_name!r} on ISA {isa_key(host)} ({path}): run "
+                          f"`python -m export.host_choice {spec_name}` on such a host")
+    chosen = pick(entry["candidates"], entry["batches"])  # the rule as it is now, on the recorded measurements
+    if chosen is None:
+        raise LookupError(f"model {spec_name!r}: no variant passed its gate on ISA {path.stem}")
+    from export.variants import variant_graphs
+    from training.registry import get_spec
+
+    c = {k: chosen[k] for k in ("engine", "variant", "setting", "score", "p50")}
+    files = variant_graphs(get_spec(spec_name))[c["variant"]]
+    return {"model": spec_name, "isa_key": path.stem, **c, "spinning": c["setting"] == "spin on",
+            "graphs": {g: str(p) for g, p in files.items()}, "measured_at": entry["measured_at"], "cache": str(path)}
+
+
+def render(entry: dict[str, Any]) -> str:
+    from export.markdown import md_table
+
+    rows = []
+    choice = pick(entry["candidates"], entry["batches"])
+    for c in entry["candidates"]:
+        lat = c.get("latency", {})
+        chosen = choice is not None and all(choice[k] == c[k] for k in ("engine", "variant", "setting"))
+        rows.append([("**chosen** " if chosen else "") + candidate_key(c["engine"], c["variant"], c["setting"]),
+                     "pass" if c["passed"] else f"FAIL: {c['why'][:200]}",
+                     *[f"{lat[str(b)]['p50']:.2f} / {lat[str(b)]['p95']:.2f} / {lat[str(b)]['p99']:.2f}"
+                       if str(b) in lat else "-" for b in entry["batches"]]])
+    return md_table(["candidate", "gate on this host", *[f"batch {b} p50/p95/p99 ms" for b in entry["batches"]]],
+                    rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.host_choice", description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="*", default=["all"])
+    p.add_argument("--rounds", type=int, default=ROUNDS)
+    p.add_argument("--gate-images", type=int, default=GATE_IMAGES)
+    p.add_argument("--refresh", action="store_true", help="re-measure even when the cached entry is current")
+    a = p.parse_args(argv)
+    names = model_names(a.models)
+    if names is None:
+        return 2
+    rc = 0
+    for name in names:
+        try:
+            c = choose(name, refresh=a.refresh, rounds=a.rounds, gate_images=a.gate_images)
+        except Exception as e:
+            print(f"error: model {name!r}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            rc = 1
+            continue
+        entry = _load(Path(c["cache"]))["models"][name]
+        print(f"\n{name}: {c['engine']} {c['variant']} ({c['setting']})\n{render(entry)}")
+    print(f"\ncache: {cache_path()}")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

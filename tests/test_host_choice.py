@@ -1,0 +1,95 @@
+"""Per-host choice of engine, precision and threading (export/host_choice.py): the rule on constructed
+measurements, the cache keyed by instruction set, and one real small measurement on this host."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from export import host_choice
+from export.host_choice import choose, isa_key, pick
+from export.variants import variant_graphs
+from training.fingerprint import host_fingerprint
+from training.registry import get_spec
+
+
+def _c(engine: str, variant: str, p1: float, p32: float, passed: bool = True, setting: str = "spin off") -> dict:
+    return {"engine": engine, "variant": variant, "setting": setting, "passed": passed, "p50": {"1": p1, "32": p32}}
+
+
+def _key(c: dict | None) -> tuple | None:
+    return None if c is None else (c["engine"], c["variant"], c["setting"])
+
+
+def test_int8_slower_than_fp32_at_any_batch_is_never_chosen() -> None:
+    # An AVX2 host: int8 faster at batch 1, slower at 32 than the same engine's fp32.
+    table = [_c("onnxruntime", "fp32", 1.0, 20.0), _c("onnxruntime", "int8", 0.5, 24.0)]
+    assert _key(pick(table)) == ("onnxruntime", "fp32", "spin off")
+    # Faster at every batch: chosen.
+    table = [_c("onnxruntime", "fp32", 1.0, 20.0), _c("onnxruntime", "int8", 0.9, 15.0)]
+    assert _key(pick(table)) == ("onnxruntime", "int8", "spin off")
+
+
+def test_a_failed_gate_is_never_chosen_however_fast() -> None:
+    table = [_c("onnxruntime", "fp32", 1.0, 20.0), _c("openvino", "fp32", 1.1, 19.0, setting="default"),
+             _c("openvino", "int8", 0.2, 5.0, passed=False, setting="default")]
+    assert _key(pick(table)) == ("onnxruntime", "fp32", "spin off")
+    assert pick([_c("onnxruntime", "fp32", 1.0, 2.0, passed=False)]) is None
+
+
+def test_int8_needs_its_own_engines_fp32_to_pass_and_be_slower() -> None:
+    # OpenVINO int8 fast, but OpenVINO fp32 missed parity: no baseline on this engine, so int8 is not eligible.
+    table = [_c("onnxruntime", "fp32", 1.0, 20.0), _c("openvino", "fp32", 0.8, 15.0, passed=False, setting="default"),
+             _c("openvino", "int8", 0.5, 10.0, setting="default")]
+    assert _key(pick(table)) == ("onnxruntime", "fp32", "spin off")
+
+
+def test_choice_is_the_fastest_eligible_over_both_batches() -> None:
+    table = [_c("onnxruntime", "fp32", 1.0, 20.0), _c("onnxruntime", "fp32", 0.6, 21.0, setting="spin on"),
+             _c("openvino", "fp32", 1.4, 14.0, setting="default")]
+    # geometric means of time relative to the best: spin on sqrt(1*21/14)=1.22, off sqrt(1.67*1.43)=1.54,
+    # openvino sqrt(2.33*1)=1.53
+    assert _key(pick(table)) == ("onnxruntime", "fp32", "spin on")
+
+
+def test_the_default_stays_unless_another_is_faster_beyond_the_noise() -> None:
+    default = _c("onnxruntime", "fp32", 1.0, 20.0)
+    assert _key(pick([default, _c("openvino", "fp32", 0.97, 19.4, setting="default")])) == _key(default)
+    assert _key(pick([default, _c("openvino", "fp32", 0.85, 17.0, setting="default")]))[0] == "openvino"
+
+
+def test_cache_is_keyed_by_instruction_set() -> None:
+    here = host_fingerprint()
+    avx2 = {**here, "cpu_capability": "AVX2", "cpu_flags": ["avx2", "fma"]}
+    emulated = {**here, "isa_limits": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+    keys = {isa_key(here), isa_key(avx2), isa_key(emulated)}
+    assert len(keys) == 3
+    assert isa_key(dict(here)) == isa_key(here)
+    assert here["cpu_capability"].lower() in isa_key(here)
+
+
+def test_another_host_without_a_measurement_is_a_clear_error(tmp_path) -> None:
+    other = {**host_fingerprint(), "cpu_capability": "AVX2", "cpu_flags": ["avx2", "fma"]}
+    with pytest.raises(LookupError, match=r"python -m export\.host_choice cnn"):
+        choose("cnn", other, root=tmp_path)
+
+
+@pytest.mark.skipif("fp32" not in variant_graphs(get_spec("cnn")), reason="cnn not exported: run `make export`")
+def test_real_choice_on_this_host_is_gated_cached_and_reused(tmp_path, monkeypatch) -> None:
+    got = choose("cnn", root=tmp_path, rounds=3, gate_images=100)
+    path = tmp_path / f"{isa_key()}.json"
+    assert got["cache"] == str(path) and path.is_file()
+    data = json.loads(path.read_text())
+    assert data["isa_key"] == isa_key() and data["host"]["cpu_flags"] == host_fingerprint()["cpu_flags"]
+    entry = data["models"]["cnn"]
+    cands = {(c["engine"], c["variant"], c["setting"]): c for c in entry["candidates"]}
+    chosen = cands[(got["engine"], got["variant"], got["setting"])]
+    assert chosen["passed"] and chosen["latency"]["1"]["p50"] > 0
+    if got["variant"] != "fp32":  # never slower than its engine's fp32 at any measured batch
+        base = cands[(got["engine"], "fp32", got["setting"])]
+        assert all(chosen["p50"][b] < base["p50"][b] for b in chosen["p50"])
+    assert all(p.endswith(".onnx") for p in got["graphs"].values())
+    # The second call reads the cache: measuring again would fail here.
+    monkeypatch.setattr(host_choice, "measure_model", lambda *a, **k: pytest.fail("re-measured a current entry"))
+    assert choose("cnn", root=tmp_path)["measured_at"] == got["measured_at"]

@@ -1,0 +1,95 @@
+"""OpenVINO as a second CPU engine: fp32 parity with onnxruntime on real test images for every exported model it
+compiles, and the INT8 gate applied to OpenVINO's int8 answers (it must refuse wrong answers and uncompilable
+graphs, and say why)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from export.compare import compare, spec_tolerance
+from export.host_choice import cpu_runner, int8_gate, int8_reference
+from export.openvino_runner import OpenVinoCompileError, OpenVinoRunner
+from export.runners import infer_batched
+from export.variants import variant_graphs
+from training import layout
+from training.feeds import sample_feeds
+from training.registry import get_spec, resolve_names
+
+BATCHES = (1, 8)
+EXPORTED = [n for n in resolve_names(["all"]) if "fp32" in variant_graphs(get_spec(n))]
+INT8 = [n for n in EXPORTED if "int8" in variant_graphs(get_spec(n))]
+GATE_IMAGES = 200
+
+pytestmark = pytest.mark.skipif(not EXPORTED, reason="no exported graphs: run `make export`")
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_fp32_parity_with_onnxruntime(name: str) -> None:
+    """Every output within the spec's fp32 bound (1e-4 unless the spec loosens one, with its reason: feedback's
+    unrolled loop) and top-1 agreement 1.0, at two batch sizes; a graph OpenVINO cannot compile fails the test
+    with OpenVINO's reason rather than being skipped."""
+    spec = get_spec(name)
+    files = variant_graphs(spec)["fp32"]
+    ov, ort = cpu_runner(spec, files, "openvino"), cpu_runner(spec, files, "onnxruntime")
+    feeds = sample_feeds(spec, max(BATCHES), spec.train.canvas)
+    for b in BATCHES:
+        x = {k: v[:b] for k, v in feeds.items()}
+        c = compare(ort.infer(x), ov.infer(x), spec.outputs, spec_tolerance(spec), where=f"{name} batch {b}")
+        assert c.ok, c.failures
+        assert set(c.max_abs()) == set(spec.output_names)
+
+
+def test_dynamic_shapes_compile_once_and_match_static() -> None:
+    path = layout.onnx_path("cnn")
+    feeds = sample_feeds(get_spec("cnn"), 4, 64)
+    dynamic, static = OpenVinoRunner(path, static=False), OpenVinoRunner(path)
+    for side in (64, 80):
+        x = {"image": np.ascontiguousarray(np.resize(feeds["image"], (4, 1, side, side)))}
+        np.testing.assert_allclose(dynamic.infer(x)["logits"], static.infer(x)["logits"], atol=1e-4)
+    assert static.compiled_shapes == 2 and dynamic.compiled_shapes == 1
+
+
+def test_bad_files_are_one_line_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        OpenVinoRunner(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(OpenVinoCompileError, match=r"bad\.onnx"):
+        OpenVinoRunner(bad)
+    runner = OpenVinoRunner(layout.onnx_path("cnn"))
+    with pytest.raises(KeyError, match="missing inputs"):
+        runner.infer({"wrong": np.zeros((1, 1, 64, 64), np.float32)})
+
+
+def _top1(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(-1) == b.argmax(-1)).mean())
+
+
+@pytest.mark.parametrize("name", [n for n in ("macnn", "gen_attention_1111", "cnn") if n in INT8])
+def test_int8_gate_judges_openvino_answers(name: str) -> None:
+    """The gate's verdict follows OpenVINO's own answers: measured independently here (top-1 agreement with the
+    fp32 torch model), a miss must be refused with the agreement named; a graph that does not compile must be
+    refused with the compiler's reason. (On the hosts measured so far macnn's int8 answers are wrong and the
+    gen_attention int8 graphs do not compile.)"""
+    spec = get_spec(name)
+    files = variant_graphs(spec)["int8"]
+    ref = int8_reference(spec, GATE_IMAGES)
+    g = int8_gate(spec, files, "openvino", GATE_IMAGES, ref)
+    try:
+        got = infer_batched(cpu_runner(spec, files, "openvino"), sample_feeds(spec, GATE_IMAGES, spec.train.canvas))
+    except OpenVinoCompileError as e:
+        assert not g["passed"] and "cannot compile" in g["why"], g
+        assert str(e).split(":")[0] in g["why"]
+        return
+    logits = [t.name for t in spec.outputs if t.kind == "logits"]
+    agreement = min(_top1(ref[k], got[k]) for k in logits)
+    bar = min(spec.checks.int8_agreement(k) for k in logits)
+    # The gate's verdict agrees with its own figures...
+    assert g["passed"] == (g["agreement"] >= bar and g["metric_drop"] <= spec.checks.int8_max_metric_drop + 1e-12)
+    if not g["passed"]:
+        assert "agreement" in g["why"] or "below fp32" in g["why"], g
+    # ...and with answers measured independently here. Not to the digit: OpenVINO's macnn int8 answers differ
+    # from one compile of the same graph to the next (measured: max abs 30 between two compiles, same input).
+    if agreement < bar - 0.05:
+        assert not g["passed"], (agreement, g)

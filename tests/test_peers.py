@@ -1,0 +1,33 @@
+"""Smoke test of the peer table (export/peers.py): one small model, one batch, a few rounds, native and held to
+AVX2 in a subprocess; torch.compile is left out here (its compile takes about a minute per shape on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from export import peers
+from export.host_choice import isa_key
+from export.markdown import HOST_LINE_PREFIX
+from export.variants import variant_graphs
+from training.registry import get_spec
+
+
+@pytest.mark.skipif("fp32" not in variant_graphs(get_spec("cnn")), reason="cnn not exported: run `make export`")
+def test_peer_table_native_and_emulated_avx2(tmp_path) -> None:
+    out = tmp_path / "peers.json"
+    assert peers.main(["cnn", "--batches", "2", "--rounds", "2", "--no-compile", "--emulate-avx2",
+                       "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    native, emulated = data["sections"][isa_key()], next(s for k, s in data["sections"].items() if k != isa_key())
+    assert "held by ATEN_CPU_CAPABILITY=avx2" in emulated["host"] and "AVX2" in emulated["host"]
+    for s in (native, emulated):
+        row = s["models"]["cnn"]["batches"]["2"]
+        assert {"onnxruntime", "onnxruntime spin on", "openvino", "torch eager"} <= set(row["latency"])
+        assert row["ratio"]["onnxruntime"] == pytest.approx(1.0)
+        assert all(v > 0 for v in row["ratio"].values())
+        assert len(s["loadavg"]) == 3
+    md = out.with_suffix(".md").read_text()
+    assert md.splitlines()[2].startswith(HOST_LINE_PREFIX)
+    assert "load average" in md and "torch.compile: not run (--no-compile)" in md
