@@ -29,7 +29,7 @@ import numpy as np
 
 from serving.cli import cli_error
 from serving.contract import Contract
-from serving.server import TRITON_RELOADING
+from serving.server import RECONNECT_BACKOFF, TRITON_RELOADING
 from training.tasks import output_kind
 
 PROTOCOLS = ("grpc", "http")
@@ -146,12 +146,8 @@ class Client:
             return {"network_timeout": self.timeout, "connection_timeout": self.timeout}
         from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 
-        # gRPC's own reconnect backoff (1 s growing to 120 s) would keep failing a retry fast for long after a
-        # restarted server is back: keep it short, so the retries above decide the pace.
         return {"channel_args": [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-                                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-                                 ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                                 ("grpc.max_reconnect_backoff_ms", 1000)]}
+                                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE), *RECONNECT_BACKOFF]}
 
     def _with_retries(self, call: Callable[[], Any], again: Callable[[Exception], bool] = retryable) -> Any:
         """``call()``, repeated after each backoff delay while it fails with an error ``again`` accepts."""

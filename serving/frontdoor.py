@@ -61,7 +61,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 
 from serving.cli import cli_error
 from serving.contract import Contract, ContractError
-from serving.server import TRITON_RELOADING
+from serving.server import RECONNECT_BACKOFF, TRITON_RELOADING
 from training.images import ImageError, ImagePreprocess
 
 DEFAULT_PORT = 8080
@@ -73,7 +73,8 @@ MAX_RANK = 16
 MAX_ID = 256
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 HEADER_LENGTH = "Inference-Header-Content-Length"
-GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                *RECONNECT_BACKOFF]
 
 NUMPY_TYPES: dict[str, Any] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
