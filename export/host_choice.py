@@ -119,23 +119,10 @@ def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "s
 
 def settled_interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = ROUNDS,
                         warmup: int = 2, progress: Any = None) -> dict[str, dict[str, float]]:
-    """Runner key -> p50/p95/p99/mean ms per call, all runners interleaved per round; every timed call follows an
-    untimed one on the same runner (a spinning onnxruntime pool keeps burning cores just after its run)."""
-    from export.timing import percentiles
+    """``export.timing.interleaved`` with every timed call settled (spinning engines are among the candidates)."""
+    from export.timing import interleaved
 
-    for _ in range(warmup):
-        for r in runners.values():
-            r.infer(feeds)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, r in runners.items():
-            r.infer(feeds)
-            t0 = time.perf_counter()
-            r.infer(feeds)
-            times[key].append((time.perf_counter() - t0) * 1e3)
-        if progress is not None:
-            progress.update(1)
-    return {k: percentiles(v) for k, v in times.items()}
+    return interleaved(runners, feeds, rounds, warmup, settle=True, progress=progress)
 
 
 # ---------------------------------------------------------------- gates

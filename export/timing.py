@@ -1,6 +1,10 @@
-"""Latency statistics shared by every benchmark (numpy only, so the GPU check can use it anywhere)."""
+"""Latency statistics and the interleaved timing loop shared by every benchmark (numpy only, so the GPU check can
+use it anywhere)."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 import numpy as np
 
@@ -10,3 +14,24 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     a = np.asarray(samples_ms, dtype=np.float64)
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = 40, warmup: int = 3, *,
+                settle: bool = False, progress: Any = None) -> dict[str, dict[str, float]]:
+    """Runner name -> p50/p95/p99/mean ms per ``infer(feeds)`` call, all runners interleaved per round. ``settle``:
+    every timed call follows an untimed one on the same runner (a spinning onnxruntime pool keeps burning cores just
+    after its run, which the next runner would pay for). ``progress``: a tqdm bar advanced once per round."""
+    for _ in range(warmup):
+        for r in runners.values():
+            r.infer(feeds)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for key, r in runners.items():
+            if settle:
+                r.infer(feeds)
+            t0 = time.perf_counter()
+            r.infer(feeds)
+            times[key].append((time.perf_counter() - t0) * 1e3)
+        if progress is not None:
+            progress.update(1)
+    return {k: percentiles(v) for k, v in times.items()}

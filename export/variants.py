@@ -68,8 +68,9 @@ def gates(name: str) -> dict[str, dict[str, Any]]:
 
 
 def measure_model(name: str, rounds: int = 40) -> dict[str, Any]:
-    from export.int8.speed import THREADS, batch_of, interleaved
+    from export.int8.speed import THREADS, batch_of
     from export.parity import deployed_runner
+    from export.timing import interleaved
     from training.feeds import sample_feeds
     from training.registry import get_spec
 

@@ -14,9 +14,10 @@ from typing import Any
 from export.fp16.gate import graph_paths_of
 from export.int8.choices import Int8Choice
 from export.int8.gate import build_int8_graphs
-from export.int8.speed import THREADS, batch_of, interleaved
+from export.int8.speed import THREADS, batch_of
 from export.parity import deployed_runner
 from export.profile import ort_op_profile, top
+from export.timing import interleaved
 from training.feeds import sample_feeds
 from training.registry import ModelSpec
 

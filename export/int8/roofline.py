@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from export.int8.speed import THREADS, interleaved
+from export.int8.speed import THREADS
 from export.markdown import md_table, with_host_line
+from export.timing import interleaved
 from training import paths
 
 WIDTHS = (16, 32, 64, 128, 256)
