@@ -137,3 +137,44 @@ def test_sigkills_never_end_the_stack_and_readiness_tells_the_truth(stack):
     assert r["kills"] == 3 and r["ready_while_down"] == 0 and r["readiness_samples"] > 20
     assert r["stack_running"] and r["serving_again_s"] is not None
     assert os.path.exists(f"/proc/{rs.triton_pid(stack)}")
+
+
+def _bad_inputs() -> dict[str, tuple[str, str, list[int], bytes]]:
+    """(input name, datatype, shape, raw bytes) that every surface must refuse."""
+    ok = np.zeros((1, 1, 64, 64), np.float32)
+    nan = ok.copy()
+    nan[0, 0, 3, 3] = np.nan
+    return {
+        "wrong datatype": ("image", "FP64", [1, 1, 64, 64], ok.astype(np.float64).tobytes()),
+        "wrong rank": ("image", "FP32", [1, 64, 64], ok.tobytes()),
+        "negative dim": ("image", "FP32", [1, 1, -64, 64], b""),
+        "unknown input": ("img", "FP32", [1, 1, 64, 64], ok.tobytes()),
+        "batch over the maximum": ("image", "FP32", [65, 1, 64, 64], np.zeros((65, 1, 64, 64), np.float32).tobytes()),
+        "axis outside its range": ("image", "FP32", [1, 1, 200, 64], np.zeros((1, 1, 200, 64), np.float32).tobytes()),
+        "fewer bytes than the shape": ("image", "FP32", [1, 1, 64, 64], ok[..., :32].tobytes()),
+        "NaN": ("image", "FP32", [1, 1, 64, 64], nan.tobytes()),
+    }
+
+
+def test_http_and_grpc_refuse_the_same_bad_inputs_with_the_same_message(stack):
+    """One validator (serving.frontdoor.check_input / check_shape / binary_raw) behind both surfaces."""
+    import json
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    with grpc.insecure_channel(stack.grpc) as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        for case, (name, datatype, shape, raw) in _bad_inputs().items():
+            head = json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                                           "parameters": {"binary_data_size": len(raw)}}]}).encode()
+            status, body = rs.post(stack.http, f"/v2/models/{MODEL}/infer", head + raw,
+                                   {"Inference-Header-Content-Length": str(len(head))})
+            req = pb.ModelInferRequest(model_name=MODEL)
+            req.inputs.add(name=name, datatype=datatype, shape=shape)
+            req.raw_input_contents.append(raw)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(req, timeout=30)
+            assert status == 400 and e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+            assert json.loads(body)["error"] == e.value.details(), case
