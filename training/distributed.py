@@ -50,11 +50,11 @@ from training.registry import ModelSpec, get_spec
 from training.train import (
     PRECISIONS,
     bar_failures,
-    data_feeds,
     make_optimizer,
     predict,
     prepare,
     stage_parameters,
+    train_step,
     training_forward,
 )
 
@@ -315,8 +315,6 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
     resume = _load_resume(state_path, fingerprint, ctx)
     if r.precision not in PRECISIONS:
         raise DistributedError(f"model {spec.name!r}: unknown training precision {r.precision!r}")
-    low = PRECISIONS[r.precision]
-    fmt = torch.channels_last if r.channels_last else torch.contiguous_format
     done = sum(st.steps for st in stages[: resume["stage"]]) if resume else 0
     start = time.perf_counter()
     for si, st in enumerate(stages):
@@ -351,14 +349,7 @@ def train_model(model: str | ModelSpec, steps: int | None = None, train_size: in
         for step in bar:
             _fault(ctx, done + step)
             batch = {k: v.to(ctx.device) for k, v in next(batches).items()}
-            feeds = {k: v.contiguous(memory_format=fmt) if v.dim() == 4 else v
-                     for k, v in data_feeds(spec, batch).items()}
-            with torch.autocast(ctx.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
-                loss, log = loss_fn(ddp(feeds), batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            log = train_step(spec, ddp, batch, loss_fn, opt, sched, ctx.device.type)
             if step % 20 == 0:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()})
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < st.steps:

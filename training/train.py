@@ -119,24 +119,32 @@ def _run_stage(spec: ModelSpec, model: torch.nn.Module, stage: Stage, lr: float,
     if spec.train.precision not in PRECISIONS:
         raise ValueError(f"model {spec.name!r}: unknown training precision {spec.train.precision!r}; "
                          f"expected one of {sorted(PRECISIONS)}")
-    low = PRECISIONS[spec.train.precision]
-    fmt = torch.channels_last if spec.train.channels_last else torch.contiguous_format
     steps = stage.steps
     params = stage_parameters(stage, model)
     opt, sched = make_optimizer(groups(model, params, lr) if groups else params, lr, weight_decay, steps)
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=2)
     for step in bar:
-        batch = next(batches)
-        feeds = {k: v.contiguous(memory_format=fmt) if v.dim() == 4 else v for k, v in data_feeds(spec, batch).items()}
-        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
-            loss, log = loss_fn(training_forward(spec, model, feeds), batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        log = train_step(spec, lambda feeds: training_forward(spec, model, feeds), next(batches), loss_fn, opt,
+                         sched)
         if step % 20 == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()})
+
+
+def train_step(spec: ModelSpec, forward: Any, batch: dict[str, torch.Tensor], loss_fn: Any,
+               opt: torch.optim.Optimizer, sched: Any, device_type: str = "cpu") -> dict[str, float]:
+    """One optimizer step on ``batch`` in the recipe's precision and memory format (the one-process loop and every
+    DDP rank alike); ``forward(feeds)`` runs the model. Returns the loss's log."""
+    low = PRECISIONS[spec.train.precision]
+    fmt = torch.channels_last if spec.train.channels_last else torch.contiguous_format
+    feeds = {k: v.contiguous(memory_format=fmt) if v.dim() == 4 else v for k, v in data_feeds(spec, batch).items()}
+    with torch.autocast(device_type, dtype=low or torch.bfloat16, enabled=low is not None):
+        loss, log = loss_fn(forward(feeds), batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return log
 
 
 def prepare(spec: ModelSpec, steps: int | None, train_size: int | None, test_size: int | None,
