@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 MODELS ?= all
 ARCHS ?= sm86
 
-.PHONY: install browser gallery train export repository engines fp16-report int8 int8-report variants variants-served pipeline-bench serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
+.PHONY: install browser gallery train export repository served-threads engines fp16-report int8 int8-report variants variants-served pipeline-bench serve frontdoor bench bench-images bench-export test test-fast lint gpu-check clean samples reliability study
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,10 +42,19 @@ train-ddp: $(STAMP)
 # Train what is missing, export, check, parity-gate, then generate the Triton repository.
 export: $(STAMP)
 	$(ATTNZOO) export $(MODELS)
-	$(ATTNZOO) repository --target cpu
+	$(ATTNZOO) repository --target cpu --variant $(VARIANT)
 
+# VARIANT=host: each model's CPU engine (onnxruntime, OpenVINO) and threading chosen by measurement on this host,
+# its int8 model served only where faster here (export.host_choice, cached per instruction set in
+# artifacts/host_choice/; recorded in each model's export.json). VARIANT=fp32: onnxruntime fp32, spin-wait off.
+VARIANT ?= host
 repository: $(STAMP)
-	$(ATTNZOO) repository --target cpu
+	$(ATTNZOO) repository --target cpu --variant $(VARIANT)
+
+# Spin-wait and instance count chosen by served measurement (reports/served_threads.md), recorded for this host's
+# instruction set; `make repository` applies it.
+served-threads: $(STAMP)
+	$(PY) -m bench.served_threads
 
 engines: $(STAMP)
 	$(ATTNZOO) engines $(MODELS) --archs $(ARCHS)
@@ -62,8 +71,8 @@ int8: $(STAMP)
 # channel width against each model's layer widths (reports/int8_roofline.{md,json,png}).
 int8-report: $(STAMP)
 	rc=0; for m in $$($(PY) -c "from training.registry import resolve_names; print(*resolve_names('$(MODELS)'.split()))"); do \
-		$(PY) -m export.int8 $$m --probe --bench --tensorrt || rc=1; done; \
-	$(PY) -m export.int8.roofline $(MODELS) || rc=1; exit $$rc
+		$(PY) -m export.int8 $$m --probe --tensorrt || rc=1; $(PY) -m bench.int8 $$m || rc=1; done; \
+	$(PY) -m bench.int8_roofline $(MODELS) || rc=1; exit $$rc
 
 # The fastest variant (fp32, fp16, int8) per model that passed its gate: reports/variants.{md,json,png}.
 variants: $(STAMP)
@@ -89,7 +98,7 @@ serve: $(STAMP) $(if $(filter-out 1,$(REPLICAS)),prometheus)
 # Envoy's added latency (c=1) and throughput (c=16) vs one replica direct, faults with/without retries:
 # reports/scaleout.{md,json}.
 scaleout-bench: $(STAMP)
-	$(PY) -m serving.scaleout_bench
+	$(PY) -m bench.scaleout
 
 # The validating HTTP front door alone (port 8080), in front of any Triton gRPC URL (--triton-grpc), e.g. Envoy's.
 # (`make serve` runs its own front door on 8000/8001 in front of a private tritonserver.)
@@ -110,7 +119,7 @@ bench-export: $(STAMP)
 # (reports/peers.{md,json}); EMULATE_AVX2=1 adds a run held to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA).
 .PHONY: bench-peers host-choice
 bench-peers: $(STAMP)
-	$(PY) -m export.peers $(MODELS) $(if $(EMULATE_AVX2),--emulate-avx2)
+	$(PY) -m bench.peers $(MODELS) $(if $(EMULATE_AVX2),--emulate-avx2)
 
 # Per-host engine/precision/threading choice, gated and timed here: artifacts/host_choice/<isa key>.json.
 host-choice: $(STAMP)
@@ -127,7 +136,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not server"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check training export serving tests
+	$(VENV)/bin/ruff check training export serving bench tests
 
 # The same 8 images through every mechanism, every map/box/mask output drawn: reports/gallery.{png,md}.
 gallery: $(STAMP)

@@ -122,10 +122,16 @@ def build_model_engines(
     out_root: Path | None = None,
 ) -> list[ModelEngines]:
     """One ``ModelEngines`` per graph of model ``name``."""
+    from export import manifest
     from training.registry import get_spec
 
     spec = get_spec(name)
-    return [build_graph_engines(spec, g, archs, precisions, deploy, out_root) for g in spec.deploy_graphs()]
+    results = [build_graph_engines(spec, g, archs, precisions, deploy, out_root) for g in spec.deploy_graphs()]
+    # the manifest names each graph's engines (TensorRT-RTX / ahead-of-time ones too: what was built, for what)
+    keep = ("plan", "plan_sha256", "label", "compute_capabilities", "profile")
+    manifest.amend(name, "engines", {r.model: {p: {k: e.get(k) for k in keep} for p, e in r.engines.items()}
+                                     | {"deployed": r.deployed} for r in results})
+    return results
 
 
 def _deploy(info: EngineInfo, flavour: str, device_cc: str | None, result: ModelEngines) -> str | None:

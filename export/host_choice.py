@@ -97,8 +97,10 @@ def engines() -> list[str]:
 
 
 def settings(engine: str) -> list[str]:
-    """Threading settings per engine: onnxruntime's intra-op spin-wait off (the project's default) and on."""
-    return ["spin off", "spin on"] if engine == "onnxruntime" else ["default"]
+    """Settings per engine, each exactly as the python backend would serve it: onnxruntime's intra-op spin-wait
+    off (the project's default) and on; OpenVINO compiled once for the graph's dynamic shapes (a served model
+    sees every batch size from 1 to its maximum, so per-shape static compiles would recompile under load)."""
+    return ["spin off", "spin on"] if engine == "onnxruntime" else ["dynamic"]
 
 
 def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "spin off",
@@ -113,7 +115,7 @@ def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "s
     if engine == "openvino":
         from export.openvino_runner import openvino_deployed_runner
 
-        return openvino_deployed_runner(spec, files, threads=threads)
+        return openvino_deployed_runner(spec, files, threads=threads, static=setting == "static")
     raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
 
 
@@ -132,25 +134,20 @@ def _fail(why: str) -> dict[str, Any]:
     return {"passed": False, "why": why}
 
 
-def openvino_fp32_gate(spec: Any, files: dict[str, Path], batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
-    """OpenVINO fp32 vs onnxruntime fp32 (which passed parity with torch) on real test images at each batch:
-    every output within the spec's fp32 tolerance, top-1 agreement 1.0."""
-    from export.compare import compare, merge, spec_tolerance
+def openvino_fp32_gate(spec: Any, files: dict[str, Path]) -> dict[str, Any]:
+    """OpenVINO fp32 held to the very parity gate onnxruntime's fp32 passed at export: against the torch model on
+    real test images, every batch and input size of the spec's checks, the spec's per-output tolerance."""
     from export.openvino_runner import OpenVinoCompileError
-    from training.feeds import sample_feeds
+    from export.parity import check_parity
+    from training.checkpoints import load_trained
 
     try:
-        ov = cpu_runner(spec, files, "openvino")
-        ort = cpu_runner(spec, files, "onnxruntime")
-        feeds = sample_feeds(spec, max(batches), spec.train.canvas)
-        comps = [compare(ort.infer(x), ov.infer(x), spec.outputs, spec_tolerance(spec),
-                         where=f"{spec.name} OpenVINO fp32 vs onnxruntime at batch {b}")
-                 for b in batches for x in [{k: v[:b] for k, v in feeds.items()}]]
+        r = check_parity(spec, load_trained(spec.name), files, raise_on_fail=False,
+                         runner=cpu_runner(spec, files, "openvino", settings("openvino")[0]))
     except OpenVinoCompileError as e:
         return _fail(str(e))
-    failures = [f for c in comps for f in c.failures]
-    return {"passed": not failures, "why": "; ".join(failures[:3]), "max_abs": merge(comps)["max_abs"],
-            "batches": list(batches)}
+    return {"passed": not r.failures, "why": "; ".join(r.failures[:3]), "max_abs": r.worst,
+            "cases": len(r.cases)}
 
 
 def int8_gate(spec: Any, files: dict[str, Path], engine: str, n: int = GATE_IMAGES,
@@ -218,12 +215,31 @@ def gate(spec: Any, engine: str, variant: str, files: dict[str, Path], n: int = 
 # ---------------------------------------------------------------- the rule
 
 
+def pick_variant(candidates: list[dict[str, Any]], variant: str, batches: tuple[int, ...] | list[int] = BATCHES,
+                 margin: float = MARGIN, spin: str = "spin off") -> dict[str, Any] | None:
+    """What serves ``variant`` on this host: the fp32 model's engine and setting (the project's default kept
+    within ``margin``), or for another precision the fastest candidate that passed its gate here and beats the
+    chosen fp32 at every batch (a variant slower than fp32 on this host is never served); None: nothing
+    eligible. ``spin``: onnxruntime's spin setting as chosen by served measurement (``served_threading``); the
+    in-process timing of the other setting does not decide it, since a served instance shares the cores."""
+    candidates = [c for c in candidates if c["engine"] != "onnxruntime" or c["setting"] == spin]
+    fp32 = pick([c for c in candidates if c["variant"] == "fp32"], batches, margin, ("onnxruntime", "fp32", spin))
+    if variant == "fp32" or fp32 is None:
+        return fp32 if variant == "fp32" else None
+    faster = [c for c in candidates if c["variant"] == variant and c.get("passed") and c.get("p50")
+              and all(c["p50"][str(b)] < fp32["p50"][str(b)] for b in batches)]
+    if not faster:
+        return None
+    best = min(faster, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches))
+    return {**best, "speedup_vs_fp32": {str(b): fp32["p50"][str(b)] / best["p50"][str(b)] for b in batches}}
+
+
 def candidate_key(engine: str, variant: str, setting: str) -> str:
     return f"{engine} {variant} {setting}"
 
 
 def pick(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[int] = BATCHES,
-         margin: float = MARGIN) -> dict[str, Any] | None:
+         margin: float = MARGIN, default: tuple[str, str, str] = DEFAULT) -> dict[str, Any] | None:
     """The rule (module docstring, step 4) on measured candidates ``{engine, variant, setting, passed,
     p50: {batch: ms}}``; returns the chosen candidate (with ``score``) or None when none is eligible."""
     fp32 = {(c["engine"], c["setting"]): c for c in candidates if c["variant"] == "fp32" and c.get("p50")}
@@ -244,9 +260,9 @@ def pick(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[int] 
     if not scored:
         return None
     fastest = min(scored, key=lambda c: c["score"])
-    default = next((c for c in scored if (c["engine"], c["variant"], c["setting"]) == DEFAULT), None)
+    kept = next((c for c in scored if (c["engine"], c["variant"], c["setting"]) == default), None)
     # Within the run's noise the project's default stays: a change of engine or precision must pay for itself.
-    return default if default is not None and default["score"] <= fastest["score"] * margin else fastest
+    return kept if kept is not None and kept["score"] <= fastest["score"] * margin else fastest
 
 
 # ---------------------------------------------------------------- measuring a model
@@ -256,7 +272,7 @@ def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGE
                   batches: tuple[int, ...] = BATCHES, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from export.int8.speed import batch_of
+    from export.timing import batch_of
     from export.variants import variant_graphs
     from training.feeds import sample_feeds
     from training.registry import get_spec
@@ -307,6 +323,7 @@ def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGE
     chosen = pick(candidates, batches)
     return {"model": name, "batches": list(batches), "rounds": rounds, "candidates": candidates,
             "digests": {v: _digest(f) for v, f in graphs.items()}, "versions": _versions(),
+            "settings": {e: settings(e) for e in engines()},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "choice": None if chosen is None else {k: chosen[k] for k in ("engine", "variant", "setting", "score",
                                                                            "p50")}}
@@ -321,7 +338,8 @@ def _current(entry: dict[str, Any], name: str) -> bool:
     from training.registry import get_spec
 
     graphs = variant_graphs(get_spec(name))
-    return entry.get("versions") == _versions() and entry.get("digests") == {v: _digest(f) for v, f in graphs.items()}
+    return entry.get("versions") == _versions() and entry.get("settings") == {e: settings(e) for e in engines()} \
+        and entry.get("digests") == {v: _digest(f) for v, f in graphs.items()}
 
 
 def record(name: str, entry: dict[str, Any], path: Path | None = None) -> Path:
@@ -334,6 +352,27 @@ def record(name: str, entry: dict[str, Any], path: Path | None = None) -> Path:
                                                                          "cpu_flags", "isa_limits")}
     data.setdefault("models", {})[name] = entry
     data["models"] = dict(sorted(data["models"].items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def served_threading(host: dict[str, Any] | None = None, root: Path | None = None,
+                     model: str | None = None) -> dict[str, Any] | None:
+    """The spin-wait and instance count chosen by served measurement on this instruction set
+    (``bench.served_threads``): ``model``'s own verdict, else the host-wide one, or None where it was not
+    measured (then: spin off, the spec's instances)."""
+    t = _load(cache_path(host, root)).get("served_threading")
+    return None if t is None else t.get("models", {}).get(model or "", t)
+
+
+def record_served_threading(verdict: dict[str, Any], path: Path | None = None) -> Path:
+    """Record ``bench.served_threads``'s verdict for this host's instruction set."""
+    path = path or cache_path()
+    data = _load(path)
+    data["isa_key"] = path.stem
+    data["served_threading"] = {k: verdict[k] for k in ("chosen", "spinning", "instances", "models")} | \
+        {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
@@ -367,8 +406,15 @@ def choose(spec_name: str, host: dict[str, Any] | None = None, *, refresh: bool 
 
     c = {k: chosen[k] for k in ("engine", "variant", "setting", "score", "p50")}
     files = variant_graphs(get_spec(spec_name))[c["variant"]]
+    threading = served_threading(host, root, spec_name)
+    spin = "spin on" if threading and threading["spinning"] else "spin off"
+    served = {v: None if (x := pick_variant(entry["candidates"], v, entry["batches"], spin=spin)) is None else
+              {k: x[k] for k in ("engine", "setting", "p50", "speedup_vs_fp32") if k in x}
+              | {"instances": threading["instances"] if threading else None}
+              for v in sorted({c["variant"] for c in entry["candidates"]})}
     return {"model": spec_name, "isa_key": path.stem, **c, "spinning": c["setting"] == "spin on",
-            "graphs": {g: str(p) for g, p in files.items()}, "measured_at": entry["measured_at"], "cache": str(path)}
+            "graphs": {g: str(p) for g, p in files.items()}, "measured_at": entry["measured_at"], "cache": str(path),
+            "served": served}
 
 
 def render(entry: dict[str, Any]) -> str:

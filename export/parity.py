@@ -54,8 +54,10 @@ def deployed_runner(spec: ModelSpec, graph_paths: dict[str, Path], **session_kw:
 
 
 def check_parity(spec: ModelSpec, model: Any, graph_paths: dict[str, Path] | Path, custom_ops: bool = False,
-                 tol: Tolerance | None = None, raise_on_fail: bool = True) -> ParityResult:
-    """``graph_paths``: graph name -> ONNX file (a single path for a one-graph model)."""
+                 tol: Tolerance | None = None, raise_on_fail: bool = True,
+                 runner: Runner | None = None) -> ParityResult:
+    """``graph_paths``: graph name -> ONNX file (a single path for a one-graph model). ``runner``: the engine to
+    gate on those graphs (default onnxruntime, as served by default; ``export.host_choice`` gates OpenVINO)."""
     if not isinstance(graph_paths, dict):
         graph_paths = {spec.deploy_graphs()[0].name: Path(graph_paths)}
     tol = tol or spec_tolerance(spec)
@@ -63,7 +65,7 @@ def check_parity(spec: ModelSpec, model: Any, graph_paths: dict[str, Path] | Pat
     exact = TorchRunner.for_spec(spec, model, float64=True, name="torch float64") \
         if spec.checks.float64_reference else None
     strict = Tolerance(spec.checks.fp32_max_abs, None)  # every output, no per-output loosening
-    runner = deployed_runner(spec, graph_paths, custom_ops=custom_ops)
+    runner = runner or deployed_runner(spec, graph_paths, custom_ops=custom_ops)
     result = ParityResult(spec.name, [str(p) for p in graph_paths.values()])
     comparisons, exact_comparisons = [], []
     for side in spec.checks.parity_sides:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export import manifest
 from export.onnx_export import export_onnx
 from export.parity import check_parity
 from training import layout, paths
@@ -85,6 +86,9 @@ def export_model(name: str, custom_ops: bool = False, slim: bool = True, train: 
     s.parity_max_abs, s.parity_agreement, s.parity = parity.worst, parity.min_agreement, parity.as_dict()
     if tensorrt and not custom_ops:
         s.tensorrt = "; ".join(tensorrt_parse(p) for p in files.values())
+    if not custom_ops:  # the served graphs' manifest: what later stages read (export.manifest)
+        manifest.write(spec, files, {"passed": True, "max_abs": parity.worst, "agreement": parity.min_agreement},
+                       tensorrt=s.tensorrt)
     if fp16 and not custom_ops:
         s.fp16, s.fp16_agreement = _fp16_gate(spec, model, files)
     if int8 and not custom_ops:
@@ -108,7 +112,12 @@ def tensorrt_parse(path: Path) -> str:
 def _fp16_gate(spec: ModelSpec, model: Any, files: dict[str, Path]) -> tuple[str, float | None]:
     from export.fp16 import fp16_gate
 
-    result = fp16_gate(spec, model, files)  # raises when agreement is under the spec's minimum
+    try:
+        result = fp16_gate(spec, model, files)  # raises when agreement is under the spec's minimum
+    except Exception:
+        manifest.set_variant(spec.name, "fp16", None, {})
+        raise
+    manifest.set_variant(spec.name, "fp16", result["fp16_graphs"], manifest.verdict(result))
     return result["status"], result["agreement"]
 
 
@@ -127,11 +136,13 @@ def _int8_gate(spec: ModelSpec, model: Any, files: dict[str, Path],
     choice = choice_for(spec.name)
     if not choice.ship:  # measured to miss its gate: no int8 variant is built or served
         remove_int8_graphs(spec)
+        manifest.set_variant(spec.name, "int8", None, {})
         return f"{INT8_NOT_SHIPPED} ({choice.not_shipped})", None, None
     result = int8_gate(spec, model, files, n, choice=choice, raise_on_fail=False)
-    if result["passed"]:
+    if result["passed"]:  # int8_gate recorded the graphs and the verdict in the manifest
         return result["status"], result["agreement"], None
     remove_int8_graphs(spec)
+    manifest.set_variant(spec.name, "int8", None, {})
     return result["status"], result["agreement"], gate_miss(spec, result) + " (its int8 graph is not served)"
 
 

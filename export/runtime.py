@@ -62,3 +62,4 @@ def ort_session(path: Path | str, custom_ops: bool = False, threads: int | None 
     except Exception as e:  # corrupt or truncated file: say which
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(f"onnxruntime cannot load {path}: {first}") from e
+

@@ -8,6 +8,15 @@ from typing import Any
 
 import numpy as np
 
+THREADS = 2  # intra-op threads of the side-by-side onnxruntime timings (the int8 probe, variants, roofline)
+
+
+def batch_of(feeds: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` samples (repeated when there are fewer)."""
+    have = len(next(iter(feeds.values())))
+    idx = np.arange(n) % have
+    return {k: np.ascontiguousarray(v[idx]) for k, v in feeds.items()}
+
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     """p50/p95/p99 and mean of latency samples in ms."""

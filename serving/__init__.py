@@ -1,5 +1,7 @@
 """Serving: spec -> model_repository/ -> tritonserver -> clients.
 
+Benchmarks of the served models live in the top-level ``bench`` package (``bench.served``, ...).
+
 Modules (heavy imports are lazy, so ``import serving`` stays light):
 - ``serving.repository``: config.pbtxt generation (cpu/gpu targets) + validation with Triton's protobuf.
 - ``serving.modelconfig``: the config building blocks, text in and out, the checks every config passes, atomic writes.
@@ -7,5 +9,4 @@ Modules (heavy imports are lazy, so ``import serving`` stays light):
 - ``serving.backend/model.py``: the one generic python-backend model (onnxruntime inside).
 - ``serving.server``: start/stop/ready of the real tritonserver, as CLI and context manager.
 - ``serving.client``: tritonclient wrapper and CLI.
-- ``serving.bench``: latency / throughput tables and plots.
 """

@@ -1,13 +1,17 @@
 """What every serving command does with an error it cannot handle, and ``attnzoo``, the one command line over
 every stage's ``python -m`` main. No torch import here: the client stays light, and a subcommand imports only
-the module it runs."""
+the module it runs.
+
+The benchmark subcommands run modules of the top-level ``bench`` package, which serving never imports: the table
+names them as strings and ``_run`` imports one only when its subcommand runs. That is the one place the chain
+training -> export -> serving -> bench is entered from its top, as a console script's entry point is (the
+import walk in tests/test_imports.py sees no edge from serving to bench, and there is none at import time)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 
 def cli_error(exc: BaseException, debug: bool) -> int:
@@ -17,18 +21,6 @@ def cli_error(exc: BaseException, debug: bool) -> int:
         raise exc
     print(f"error: {exc}", file=sys.stderr)
     return 1
-
-
-def bench_parser(prog: str, doc: str | None, duration_help: str, rounds: int,
-                 rounds_help: str) -> argparse.ArgumentParser:
-    """The served benchmarks' arguments: models (``all`` by default), ``--duration``, ``--rounds`` and ``--repo``; the
-    command adds its own, then ``export.cli_loop.parse`` adds ``--debug`` and resolves the model names."""
-    p = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
-    p.add_argument("models", nargs="*", default=["all"], help="model names, or 'all' (default)")
-    p.add_argument("--duration", type=float, default=4.0, help=duration_help)
-    p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
-    p.add_argument("--repo", type=Path, default=None, help="the exported model repository (default: model_repository/)")
-    return p
 
 
 # ------------------------------------------------------------------------------------------ attnzoo
@@ -56,11 +48,12 @@ COMMANDS: dict[str, Command] = {
                           all_means="default"),
     "engines": Command("export.engines", "build TensorRT engines (--archs sm86,...)"),
     "fp16": Command("export.fp16", "FP16 gate, drift probe and keep-list sweep (make fp16-report)"),
-    "int8": Command("export.int8", "INT8 QDQ graphs: gate, or --probe/--bench/--tensorrt (make int8)"),
-    "roofline": Command("export.int8.roofline", "int8 conv speed-up by channel width vs each model's widths"),
-    "variants": Command("export.variants", "time fp32/fp16/int8 per model, pick the fastest that passed"),
+    "int8": Command("export.int8", "INT8 QDQ graphs: gate, or --probe/--tensorrt (make int8)"),
+    "int8-bench": Command("bench.int8", "time int8 vs fp32 onnxruntime at batch 1 and 32 (into reports/int8.md)"),
+    "roofline": Command("bench.int8_roofline", "int8 conv speed-up by channel width vs each model's widths"),
+    "variants": Command("bench.variants", "time fp32/fp16/int8 per model, pick the fastest that passed"),
     "verify": Command("export.verify", "re-check one exported graph (checker, I/O, parity, TensorRT)", "one"),
-    "sweep": Command("export.sweep", "sweep one model parameter (--param P --values ...)", "one"),
+    "sweep": Command("bench.sweep", "sweep one model parameter (--param P --values ...)", "one"),
     "gpu-check": Command("export.gpu_check", "TensorRT/ORT/torch parity and latency on a CUDA host"),
     "serve": Command("serving.stack", "serve: private tritonserver(s), supervised, behind the front door (HTTP 8000, "
                      "gRPC 8001); --replicas N: N behind Envoy", "served", "--models", "default"),
@@ -74,19 +67,19 @@ COMMANDS: dict[str, Command] = {
     "manifests": Command("serving.k8s", "Kubernetes (kustomize) and KServe manifests into deploy/", "none"),
     "infer": Command("serving.client", "send tensors, test images or files to a served model", "served",
                      "--model"),
-    "bench": Command("serving.bench", "Triton latency and throughput (reports/bench.md)", flag="--models",
+    "bench": Command("bench.served", "Triton latency and throughput (reports/bench.md)", flag="--models",
                      all_means="default"),
-    "bench-export": Command("export.speed", "onnxruntime vs torch eager (reports/ort_vs_torch.md)"),
-    "bench-images": Command("serving.image_bench", "raw image files end to end (reports/images.md)",
+    "bench-export": Command("bench.ort_vs_torch", "onnxruntime vs torch eager (reports/ort_vs_torch.md)"),
+    "bench-images": Command("bench.images", "raw image files end to end (reports/images.md)",
                             all_means="expand"),
-    "variants-served": Command("serving.variant_bench", "served fp32 vs int8 at concurrency 1 and 16"),
-    "pipeline-bench": Command("serving.pipeline_bench", "composed models as ensemble vs BLS"),
+    "variants-served": Command("bench.variants_served", "served fp32 vs int8 at concurrency 1 and 16"),
+    "pipeline-bench": Command("bench.pipeline", "composed models as ensemble vs BLS"),
     "gallery": Command("serving.gallery", "the same 8 images through every mechanism (reports/gallery.png)",
                        all_means="default"),
-    "scaleout-bench": Command("serving.scaleout_bench", "what Envoy costs and what replicas give (reports/scaleout.md)",
+    "scaleout-bench": Command("bench.scaleout", "what Envoy costs and what replicas give (reports/scaleout.md)",
                               "none"),
-    "reliability": Command("serving.reliability", "every bad input on every path, load, recovery", "none"),
-    "study": Command("training.studies", "a paper's measured claim, arms x seeds (STUDY name)", "none"),
+    "reliability": Command("bench.reliability", "every bad input on every path, load, recovery", "none"),
+    "study": Command("bench.studies", "a paper's measured claim, arms x seeds (STUDY name)", "none"),
     "sample-trees": Command("training.sample_trees", "write a small image tree to try --data on", "none"),
 }
 

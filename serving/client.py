@@ -30,6 +30,7 @@ import numpy as np
 from serving.cli import cli_error
 from serving.contract import Contract
 from serving.server import RECONNECT_BACKOFF, TRITON_RELOADING
+from serving.validation import InputError, ModelRules, check_arrays
 from training.tasks import output_kind
 
 PROTOCOLS = ("grpc", "http")
@@ -93,6 +94,7 @@ class ModelInfo:
     input_bounds: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # input -> axis -> range
     input_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # integer input -> values
     labelled: tuple[str, ...] = ()  # outputs with a label file: Triton's classification extension (class_count)
+    rules: ModelRules | None = None  # what the server accepts (serving.validation: the front door's and backend's)
 
     @staticmethod
     def from_config(cfg: dict) -> ModelInfo:
@@ -109,7 +111,8 @@ class ModelInfo:
         c = Contract.from_config(cfg)
         return ModelInfo(cfg["name"], int(cfg.get("max_batch_size", 0)), tensors("input"), tensors("output"),
                          c.output_kinds, c.description, c.input_bounds, c.input_ranges,
-                         tuple(t["name"] for t in cfg.get("output", []) if t.get("label_filename")))
+                         tuple(t["name"] for t in cfg.get("output", []) if t.get("label_filename")),
+                         ModelRules.from_config(cfg, c))
 
     def input_shape_text(self, t: TensorInfo) -> str:
         return "[" + ", ".join(["B", *("?" if d < 0 else str(d) for d in t.dims)]) + "]"
@@ -267,36 +270,13 @@ class Client:
         return inputs
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
-        """Client-side checks with one-line messages naming the model, input, shape or dtype."""
-        m, want = self.model, {t.name: t for t in self.info.inputs}
-        for name in inputs:
-            if name not in want:
-                raise ClientError(f"model {m!r} has no input {name!r}; its inputs: {', '.join(want)}")
-        for name, t in want.items():
-            if name not in inputs and t.optional:
-                continue
-            if name not in inputs:
-                raise ClientError(f"model {m!r}: missing input {name!r}")
-            a = np.asarray(inputs[name])
-            if a.dtype != t.dtype:
-                raise ClientError(f"model {m!r} input {name!r} takes {t.dtype.name}, got {a.dtype.name}")
-            batched = self.info.max_batch_size > 0
-            per = a.shape[1:] if batched else a.shape
-            if len(per) != len(t.dims) or any(d >= 0 and d != s for d, s in zip(t.dims, per, strict=True)):
-                raise ClientError(f"model {m!r} input {name!r} takes shape {self.info.input_shape_text(t)}, "
-                                  f"got {list(a.shape)}")
-            if batched and not 1 <= a.shape[0] <= self.info.max_batch_size:
-                mbs = self.info.max_batch_size
-                raise ClientError(f"model {m!r} input {name!r}: batch of {a.shape[0]} outside 1..{mbs}")
-            for axis, (lo, hi) in self.info.input_bounds.get(name, {}).items():
-                if not lo <= per[axis] <= hi:
-                    raise ClientError(f"model {m!r} input {name!r} axis {axis + int(batched)} is {per[axis]}; "
-                                      f"the model takes {lo}..{hi}")
-            if name in self.info.input_ranges and a.size:
-                lo, hi = self.info.input_ranges[name]
-                if a.min() < lo or a.max() > hi:
-                    raise ClientError(f"model {m!r} input {name!r} values must be in {lo:g}..{hi:g}, "
-                                      f"got {a.min()}..{a.max()}")
+        """The checks the server runs (``serving.validation``), before sending: the same one-line messages."""
+        if self.info.rules is None:
+            return
+        try:
+            check_arrays(self.info.rules, inputs)
+        except InputError as e:
+            raise ClientError(str(e)) from None
 
     def _request(self, inputs: dict[str, np.ndarray], class_count: int = 0) -> tuple[list, list]:
         from tritonclient.utils import np_to_triton_dtype

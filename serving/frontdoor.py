@@ -6,10 +6,12 @@ malformed requests with 500. The front door speaks the same protocol (JSON bodie
 extension, so ``tritonclient.http`` works against it unchanged), and before anything is allocated it:
 
 - refuses a body over the limit from its Content-Length, and stops reading a streamed body at the limit (413);
-- checks every input against the model's config, fetched from Triton over gRPC: name, datatype, rank, fixed
-  dims, batch within ``max_batch_size``, each dynamic axis within the config parameter ``input_bounds``, and
-  that the claimed element count matches the data sent; refuses NaN/Inf, non-numbers, zero or negative dims
-  (400 with ``{"error": "<one line>"}``; 404 for an unknown model);
+- checks every input against the model's config, fetched from Triton over gRPC, with the one validator
+  (``serving.validation``, which the client and the python backends run too, with the same messages): name,
+  datatype, rank, fixed dims, batch within ``max_batch_size``, each dynamic axis within the config parameter
+  ``input_bounds``, that the claimed element count matches the data sent, integer values within
+  ``input_ranges``; refuses NaN/Inf, non-numbers, zero or negative dims (400 with ``{"error": "<one line>"}``;
+  404 for an unknown model);
 - forwards what passes to Triton over gRPC, which checks byte sizes before allocating, and maps Triton's
   INVALID_ARGUMENT to 400, NOT_FOUND to 404, UNAVAILABLE to 503; a model that exists but cannot answer now
   (being reloaded, its python stub dead) gets 503 with Retry-After, and is not ready (a real probe inference).
@@ -30,10 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http.client
 import itertools
 import json
-import math
 import re
 import signal
 import struct
@@ -59,29 +59,24 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
+from serving import validation
 from serving.cli import cli_error
 from serving.contract import Contract, ContractError
 from serving.server import RECONNECT_BACKOFF, TRITON_RELOADING
-from training.images import ImageError, ImagePreprocess
+from serving.validation import NUMPY_TYPES, InputError, ModelRules, check_input, check_raw
+from training.images import ImageError
 
 DEFAULT_PORT = 8080
 DEFAULT_TRITON_GRPC = "127.0.0.1:8001"
 DEFAULT_BODY_LIMIT = 64 * 2**20
 CONFIG_TTL_S = 5.0  # a reloaded model's new config is picked up within this
 OFFLOAD_BYTES = 2**20  # bodies above this are parsed in a worker thread, off the event loop
-MAX_RANK = 16
 MAX_ID = 256
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
                 *RECONNECT_BACKOFF]
 
-NUMPY_TYPES: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}
-ITEM_SIZE = {**{k: np.dtype(v).itemsize for k, v in NUMPY_TYPES.items()}, "BF16": 2}
 EXPLORER_DIR = Path(__file__).resolve().parent / "explorer"
 EXPLORER_SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The page only talks to this origin; blob:/data: are the images it decodes and draws itself.
@@ -136,38 +131,22 @@ def _is_int(v: object) -> bool:
 # ------------------------------------------------------------------------------------- model rules
 
 
-@dataclass(frozen=True)
-class InputRule:
-    name: str
-    datatype: str
-    dims: tuple[int, ...]  # per sample; -1 dynamic
-    bounds: dict[int, tuple[int, int]]  # per-sample axis -> [min, max]
-    optional: bool = False
+def model_rules(cfg: mc.ModelConfig) -> ModelRules:
+    """The rules the front door checks requests against (``serving.validation``, the one validator)."""
+    try:
+        contract = Contract.from_config(cfg)
+    except ContractError:
+        contract = Contract()  # a malformed parameter: the backend's own checks (and its load error) still apply
+    return ModelRules.from_config(cfg, contract)
 
 
-@dataclass(frozen=True)
-class ModelRules:
-    name: str
-    max_batch_size: int
-    inputs: dict[str, InputRule]
-    outputs: tuple[str, ...]
-    preprocess: ImagePreprocess | None = None  # a model of encoded image files: its decode limits
-
-    @staticmethod
-    def from_config(cfg: Any) -> ModelRules:
-        def dtype(t: int) -> str:
-            name = mc.DataType.Name(t).removeprefix("TYPE_")
-            return "BYTES" if name == "STRING" else name
-
-        try:
-            contract = Contract.from_config(cfg)
-        except ContractError:
-            contract = Contract(input_bounds={})  # a malformed parameter: the backend's own checks still apply
-        bounds = contract.input_bounds or {}
-        inputs = {i.name: InputRule(i.name, dtype(i.data_type), tuple(int(d) for d in i.dims),
-                                    bounds.get(i.name, {}), bool(i.optional)) for i in cfg.input}
-        return ModelRules(cfg.name, int(cfg.max_batch_size), inputs, tuple(o.name for o in cfg.output),
-                          contract.preprocess)
+@contextlib.contextmanager
+def refused_as_400() -> Iterator[None]:
+    """The validator's refusals as the front door's 400 (one place for both surfaces)."""
+    try:
+        yield
+    except InputError as e:
+        raise _bad(str(e)) from None
 
 
 @dataclass
@@ -255,22 +234,12 @@ def values_raw(flat: list, datatype: str, where: str) -> bytes:
                 arr = np.asarray(flat, dtype=np_type)
     except (OverflowError, ValueError, TypeError) as e:
         raise _bad(f"{where} ({datatype}): {one_line(str(e), 120)}") from None
-    check_finite(arr, datatype, where)
-    return arr.tobytes()
-
-
-def check_finite(arr: np.ndarray, datatype: str, where: str) -> None:
-    if datatype == "BF16":
-        bad = int(np.count_nonzero((arr.view(np.uint16) & 0x7F80) == 0x7F80))
-    elif datatype.startswith("FP"):
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    else:
-        return
-    if bad:
-        raise _bad(f"{where} ({datatype}): {bad} NaN/Inf value(s) of {arr.size}; send finite values")
+    return arr.tobytes()  # its values are checked with the binary ones (check_raw)
 
 
 def binary_raw(tail: memoryview, offset: int, size: int, count: int, datatype: str, where: str) -> bytes:
+    """An input's bytes from the binary tail; BYTES elements framed. Fixed-size types' byte count and values are
+    the validator's (``check_raw``)."""
     if offset + size > len(tail):
         raise _bad(f"{where}: binary_data_size {size} runs past the {len(tail)} bytes of binary data sent")
     raw = tail[offset:offset + size]
@@ -282,35 +251,7 @@ def binary_raw(tail: memoryview, offset: int, size: int, count: int, datatype: s
             pos += 4 + struct.unpack_from("<I", raw, pos)[0]
         if pos != size:
             raise _bad(f"{where} (BYTES): {size - pos} bytes after the {count} strings")
-        return bytes(raw)
-    if size != count * ITEM_SIZE[datatype]:
-        raise _bad(f"{where} ({datatype}): binary_data_size {size} != {count} elements x {ITEM_SIZE[datatype]} bytes")
-    if datatype in ("BF16", "FP16", "FP32", "FP64"):
-        check_finite(np.frombuffer(raw, dtype=np.uint16 if datatype == "BF16" else NUMPY_TYPES[datatype]),
-                      datatype, where)
     return bytes(raw)
-
-
-def check_shape(rules: ModelRules, rule: InputRule, shape: object, where: str) -> list[int]:
-    batched = rules.max_batch_size > 0
-    want = len(rule.dims) + batched
-    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-        raise _bad(f"{where}: 'shape' must be a list of integers")
-    if len(shape) != want:
-        expect = ", ".join((["batch"] if batched else []) + [("?" if d < 0 else str(d)) for d in rule.dims])
-        raise _bad(f"{where} shape {shape[:MAX_RANK]}: rank {len(shape)}, the model takes rank {want} [{expect}]")
-    if any(d <= 0 for d in shape):
-        raise _bad(f"{where} shape {shape}: every dim must be >= 1")
-    if batched and shape[0] > rules.max_batch_size:
-        raise _bad(f"{where} shape {shape}: batch {shape[0]} exceeds max_batch_size {rules.max_batch_size}")
-    for axis, (got, dim) in enumerate(zip(shape[batched:], rule.dims, strict=True)):
-        if dim >= 0 and got != dim:
-            raise _bad(f"{where} shape {shape}: axis {axis + batched} is {got}, the model takes {dim}")
-        lo, hi = rule.bounds.get(axis, (1, None))
-        if got < lo or (hi is not None and got > hi):
-            raise _bad(f"{where} shape {shape}: axis {axis + batched} is {got}, must be in {lo}..{hi} "
-                       "(the model's allowed range)")
-    return shape
 
 
 def _parse_outputs(request: dict, rules: ModelRules) -> tuple[list[Output], bool]:
@@ -348,6 +289,11 @@ def _parse_outputs(request: dict, rules: ModelRules) -> tuple[list[Output], bool
 def parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
     """Validate a decoded v2 request against the model's rules; nothing sized by the claim is allocated
     before the claim is checked against the data actually sent."""
+    with refused_as_400():
+        return _parse_request(request, tail, rules)
+
+
+def _parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
     m = rules.name
     rid = request.get("id", "")
     if not isinstance(rid, str) or len(rid) > MAX_ID:
@@ -384,6 +330,7 @@ def parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
             if len(flat) != count:
                 raise _bad(f"{where} shape {shape} ({datatype}): needs {count} values, 'data' holds {len(flat)}")
             raw = values_raw(flat, datatype, f"{where} shape {shape}")
+        check_raw(rules, item["name"], datatype, shape, raw)
         tensors.append(Tensor(item["name"], datatype, shape, raw))
     pixels = check_complete(rules, tensors)
     if offset != len(tail):
@@ -391,33 +338,11 @@ def parse_request(request: dict, tail: bytes, rules: ModelRules) -> Parsed:
     return Parsed(tensors, outputs, binary_all, rid, pixels)
 
 
-def check_input(rules: ModelRules, name: str, datatype: object, shape: object,
-                seen: set[str]) -> tuple[str, list[int], int]:
-    """One input's name, datatype and shape against the model's rules, before any of its data is looked at
-    (every protocol the front door speaks goes through here); returns (how to name it, shape, element count)."""
-    m = rules.name
-    where = f"model '{m}': input '{name[:80]}'"
-    rule = rules.inputs.get(name)
-    if rule is None:
-        raise _bad(f"model '{m}' has no input {name[:80]!r} (inputs: {', '.join(rules.inputs)})")
-    if name in seen:
-        raise _bad(f"{where} sent twice")
-    if datatype != rule.datatype:
-        raise _bad(f"{where}: datatype {str(datatype)[:20]!r}, the model takes {rule.datatype}")
-    shape = check_shape(rules, rule, shape, where)
-    return where, shape, math.prod(shape)
-
-
 def check_complete(rules: ModelRules, tensors: list[Tensor]) -> int:
-    """Every required input sent, all with one batch size, image files within their decode budget (read from
-    their headers; nothing is decoded). Returns the pixels the image files will cost to decode (0: none)."""
-    names = {t.name for t in tensors}
-    missing = [n for n, r in rules.inputs.items() if not r.optional and n not in names]
-    if missing:
-        raise _bad(f"model '{rules.name}': missing input(s) {', '.join(missing)}")
-    batch = {t.shape[0] for t in tensors} if rules.max_batch_size > 0 else set()
-    if len(batch) > 1:
-        raise _bad(f"model '{rules.name}': inputs disagree on the batch size ({sorted(batch)})")
+    """Every required input sent, all with one batch size (``serving.validation``), image files within their decode
+    budget (read from their headers; nothing is decoded). Returns the pixels the image files will cost to decode
+    (0: none)."""
+    validation.check_complete(rules, {t.name: t.shape for t in tensors})
     if rules.preprocess is None:
         return 0
     pixels = 0
@@ -579,7 +504,7 @@ class Triton:
             return hit[1]
         request = pb.ModelConfigRequest(name=model, version=version)
         cfg = (await self.call("ModelConfig", request, model, version)).config
-        rules = ModelRules.from_config(cfg)
+        rules = model_rules(cfg)
         self.seen.add(model)
         if len(self._rules) >= 256:  # only served models get here, but versions ("1", "01", ...) are many
             self._rules.clear()
@@ -844,7 +769,7 @@ def _mount_explorer(app: FastAPI, model_repository: str | Path | None, body_limi
     app.mount("/explorer", _ExplorerFiles(directory=EXPLORER_DIR, html=True), name="explorer")
 
 
-# ------------------------------------------------------------------------------- running and measuring
+# ------------------------------------------------------------------------------------------- running
 
 
 @contextlib.contextmanager
@@ -866,103 +791,6 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = DEFAULT_P
     finally:
         server.should_exit = True
         thread.join(timeout)
-
-
-def _hostport(url: str) -> tuple[str, int]:
-    host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
-    return host, int(port)
-
-
-def _post(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> float:
-    t0 = time.perf_counter()
-    conn.request("POST", path, body, headers)
-    resp = conn.getresponse()
-    resp.read()
-    dt = (time.perf_counter() - t0) * 1e3
-    if resp.status != 200:
-        raise RuntimeError(f"POST {conn.host}:{conn.port}{path} answered {resp.status}")
-    return dt
-
-
-def measure_overhead(direct_http: str, frontdoor_http: str, model: str, n: int = 200, *,
-                     binary: bool = False, warmup: int = 10, direct_grpc: str | None = None) -> dict[str, Any]:
-    """Latency of the same request sent straight to Triton's HTTP port, through the front door, and (with
-    ``direct_grpc``) straight to Triton's gRPC port, interleaved one by one on kept-alive connections. The
-    request is the model's own probe (zeros at the warm-up dims, batch 1). Returns {"direct": {p50, p95, p99,
-    mean}, "frontdoor": {...}, "grpc": {...}, ...} in ms."""
-    from export.timing import percentiles
-    from serving.server import http_json, probe_inputs
-
-    code, cfg = http_json("GET", f"http://{direct_http.removeprefix('http://')}/v2/models/{model}/config")
-    if code != 200:
-        raise RuntimeError(f"model '{model}': config not available from {direct_http} ({code})")
-    inputs = probe_inputs(cfg)
-    headers = {"Content-Type": "application/json"}
-    if binary:
-        tails = []
-        for i in inputs:
-            tails.append(np.asarray(i.pop("data"), dtype=NUMPY_TYPES[i["datatype"]]).tobytes())
-            i["parameters"] = {"binary_data_size": len(tails[-1])}
-        head = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
-        body, headers = b"".join([head, *tails]), {"Content-Type": "application/octet-stream",
-                                                   HEADER_LENGTH: str(len(head))}
-    else:
-        body = json.dumps({"inputs": inputs}).encode()
-    path = f"/v2/models/{model}/infer"
-    conns = {k: http.client.HTTPConnection(*_hostport(u), timeout=30)
-             for k, u in (("direct", direct_http), ("frontdoor", frontdoor_http))}
-    samples: dict[str, list[float]] = {k: [] for k in (*conns, *(("grpc",) if direct_grpc else ()))}
-    grpc_call = _grpc_caller(direct_grpc, model, cfg) if direct_grpc else None
-    try:
-        for i in range(warmup + n):
-            for k, conn in conns.items():
-                dt = _post(conn, path, body, headers)
-                if i >= warmup:
-                    samples[k].append(dt)
-            if grpc_call is not None:
-                dt = grpc_call()
-                if i >= warmup:
-                    samples["grpc"].append(dt)
-    finally:
-        for conn in conns.values():
-            conn.close()
-    out: dict[str, Any] = {"model": model, "n": n, "binary": binary, "request_bytes": len(body)}
-    out.update({k: percentiles(v) for k, v in samples.items()})
-    out["overhead_p50_ms"] = out["frontdoor"]["p50"] - out["direct"]["p50"]
-    return out
-
-
-def _grpc_caller(url: str, model: str, cfg: dict) -> Any:
-    """A timed call (ms) of the model's probe request over Triton's gRPC port."""
-    import tritonclient.grpc as grpcclient
-
-    from serving.server import probe_inputs
-
-    client = grpcclient.InferenceServerClient(url)
-    inputs = []
-    for i in probe_inputs(cfg):
-        arr = np.asarray(i["data"], dtype=NUMPY_TYPES[i["datatype"]]).reshape(i["shape"])
-        t = grpcclient.InferInput(i["name"], list(arr.shape), i["datatype"])
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-
-    def call() -> float:
-        t0 = time.perf_counter()
-        client.infer(model, inputs)
-        return (time.perf_counter() - t0) * 1e3
-
-    return call
-
-
-def format_overhead(r: dict[str, Any]) -> str:
-    lines = [f"{r['model']} ({'binary' if r['binary'] else 'JSON'}, {r['request_bytes']} B, n={r['n']}):"
-             f"   p50     p95     p99 (ms)"]
-    for k, label in (("grpc", "triton grpc direct"), ("direct", "triton http direct"), ("frontdoor", "via front door")):
-        if k not in r:
-            continue
-        p = r[k]
-        lines.append(f"  {label:<20} {p['p50']:7.3f} {p['p95']:7.3f} {p['p99']:7.3f}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The front door's gRPC surface: KServe v2 ``GRPCInferenceService`` for untrusted clients, in front of Triton.
 
-The same checks as the HTTP front door (``serving.frontdoor``: one ``check_input`` / ``check_shape`` for both),
+The same checks as the HTTP front door (``serving.validation``, the one validator, behind both surfaces),
 applied to the protobuf request before anything is forwarded: every input named by the model, its datatype, rank,
 fixed dims, dims >= 1 (a negative or int64-overflowing claim is refused by name, never passed to Triton, whose
 python stub dies on it), batch and dynamic-axis bounds, exactly one ``raw_input_contents`` per input (Triton
@@ -36,8 +36,10 @@ from serving.frontdoor import (
     binary_raw,
     check_complete,
     check_input,
+    check_raw,
     not_ready,
     one_line,
+    refused_as_400,
     values_raw,
 )
 
@@ -70,6 +72,11 @@ def _raw_from_contents(tensor: Any, count: int, where: str) -> bytes:
 def parse_infer(request: Any, rules: ModelRules) -> Parsed:
     """Validate a ``ModelInferRequest`` against the model's rules (nothing sized by a claim is allocated before
     the claim is checked against the bytes actually sent)."""
+    with refused_as_400():
+        return _parse_infer(request, rules)
+
+
+def _parse_infer(request: Any, rules: ModelRules) -> Parsed:
     m = rules.name
     if len(request.id) > MAX_ID:
         raise _bad(f"model '{m}': 'id' must be a string of at most {MAX_ID} characters")
@@ -91,6 +98,7 @@ def parse_infer(request: Any, rules: ModelRules) -> Parsed:
             raw = binary_raw(memoryview(raw), 0, len(raw), count, t.datatype, f"{where} shape {shape}")
         else:
             raw = _raw_from_contents(t, count, f"{where} shape {shape}")
+        check_raw(rules, t.name, t.datatype, shape, raw)
         tensors.append(Tensor(t.name, t.datatype, shape, raw))
     pixels = check_complete(rules, tensors)
     outputs: list[Output] = []

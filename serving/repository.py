@@ -296,13 +296,36 @@ def _write_composition(spec: ModelSpec, d: Deployable, target: str, root: Path, 
     return written
 
 
-def _has_int8(spec: ModelSpec, root: Path) -> bool:
-    """Every graph of ``spec`` has its int8 graph in the repository (``python -m export.int8`` put it there)."""
-    return all(layout.int8_onnx_path(spec.graph_model_name(g), repo_dir=root).exists() for g in spec.deploy_graphs())
+def export_manifest(spec: ModelSpec, root: Path) -> dict[str, Any] | None:
+    """The export manifest of ``spec`` (``export.manifest``): which variants exist and passed their gates, with
+    their checksums. None for the floor model, and for graphs placed by hand without one: those are served as
+    fp32 as found (said on stderr), and no other variant of them is ever served."""
+    if spec.name == FLOOR_MODEL:
+        return None
+    from export import manifest
+
+    data = manifest.load(spec.name, root)
+    if data is None:
+        print(f"serving.repository: model {spec.name!r} has no export manifest "
+              f"({manifest.manifest_path(spec.name, root)}): its fp32 graph is served as found, no variant of it",
+              file=sys.stderr)
+        return None
+    if manifest.servable(data, "fp32", root) is None:  # raises when a graph changed since its parity gate
+        raise RepositoryError(f"model {spec.name!r}: its fp32 graphs in {root} are missing or did not pass parity "
+                              f"(run `python -m export {spec.name}`)")
+    return data
 
 
-VARIANT_CHOICES = ("fp32", "best")
+def _has_int8(data: dict[str, Any] | None, root: Path) -> bool:
+    """The manifest says every int8 graph passed its gate, and the files in the repository are those graphs."""
+    from export import manifest
+
+    return data is not None and manifest.servable(data, "int8", root) is not None
+
+
+VARIANT_CHOICES = ("fp32", "best", "host")
 VARIANT_FILE = {"int8": "model.int8.onnx"}  # a default model serving its int8 graph reads this file
+STAMP_FILE = "attnzoo.json"  # what generated this repository, for which target: read by the server
 
 
 def best_variants(reports_dir: Path | None = None) -> dict[str, str]:
@@ -327,14 +350,32 @@ def _serve_variant(spec: ModelSpec, d: Deployable, cfg: Any, variant: str, root:
     return [copy_file(src, layout.version_dir(d.triton_name, root) / VARIANT_FILE[variant])]
 
 
+def _set_engine(cfg: Any, served: dict[str, Any] | None) -> None:
+    """The CPU engine and threading the host choice measured fastest for this model (python backend only)."""
+    if served is not None:
+        cfg.parameters["engine"].string_value = served["engine"]
+        cfg.parameters["allow_spinning"].string_value = "1" if served["setting"] == "spin on" else "0"
+        if served.get("instances"):  # chosen by served measurement on this host (bench.served_threads)
+            cfg.instance_group[0].count = served["instances"]
+
+
 def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | None = None,
-                variant: str = "fp32") -> list[Path]:
+                variant: str = "fp32", choice: dict[str, Any] | None = None) -> list[Path]:
     """Configs for every Triton model of ``spec`` (each graph beside its ``<repo>/<name>/1/model.onnx``, with
-    ``model.py`` on cpu; plus the composing model), validated with Triton's protobuf. Where every graph has an
-    int8 graph at ``<repo>/<name>_int8/1/model.onnx``, the same again as ``<name>_int8``. Returns the files."""
+    ``model.py`` on cpu; plus the composing model), validated with Triton's protobuf. Where the export manifest
+    says every int8 graph passed its gate (and the files are those graphs), the same again as ``<name>_int8``.
+    ``choice`` (cpu; ``export.host_choice.choose``): the engine and threading of the fp32 model and of the int8
+    one, which is then served only where it measured faster than the fp32 model on this host. Returns the
+    files."""
     root = layout.repository_root(repo_dir)
     written: list[Path] = []
-    int8 = _has_int8(spec, root)
+    served = (choice or {}).get("served", {})
+    data = export_manifest(spec, root)
+    int8 = _has_int8(data, root) and (choice is None or served.get("int8") is not None)
+    if choice is not None and data is not None:  # the manifest records what this host chose, per instruction set
+        from export import manifest
+
+        manifest.amend(spec.name, "host_choice", {**data.get("host_choice", {}), choice["isa_key"]: served}, root)
     for d in deployables(spec):
         if d.graph is None:
             written += _write_composition(spec, d, target, root)
@@ -349,12 +390,21 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
         cfg = graph_config(spec, d.graph, target)
         if target == "cpu":  # the default model may serve another variant's graph (--variant best)
             written += _serve_variant(spec, d, cfg, variant, root)
+            _set_engine(cfg, served.get("fp32"))
         written.append(_write_config(cfg, d, root))
         if target == "cpu":
             written.append(copy_file(BACKEND_MODEL_PY, layout.version_dir(d.triton_name, root) / layout.BACKEND_FILE))
+        if not int8:  # not (or no longer) served: a config left from an earlier generation would load it anyway
+            stale = layout.config_path(f"{d.triton_name}{INT8_SUFFIX}", root)
+            if stale.exists():
+                stale.unlink()
+                print(f"serving.repository: {stale.parent.name} not served (its gate or this host's measurement "
+                      f"says so); removed its config.pbtxt", file=sys.stderr)
         if int8:  # the int8 graph, served by the same generic backend under "<name>_int8"
             cfg = graph_config(spec, d.graph, target)
             cfg.name = f"{d.triton_name}{INT8_SUFFIX}"
+            if target == "cpu":
+                _set_engine(cfg, served.get("int8"))
             written.append(_write_config(cfg, d, root))
             if target == "cpu":
                 written.append(copy_file(BACKEND_MODEL_PY, layout.version_dir(cfg.name, root) / layout.BACKEND_FILE))
@@ -386,6 +436,8 @@ def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
     that passed its gate (``make variants``; cpu target). Returns the files written."""
     if variant not in VARIANT_CHOICES:
         raise RepositoryError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANT_CHOICES)}")
+    if variant == "host" and target != "cpu":
+        raise RepositoryError("--variant host chooses among CPU engines: use it with --target cpu")
     best = best_variants() if variant == "best" else {}
     from training.registry import get_spec, list_models
 
@@ -398,9 +450,45 @@ def write_repository(models: Iterable[str] | None = None, target: str = "cpu",
     else:
         names = [n for n in models if n != FLOOR_MODEL]
     written: list[Path] = []
+    choices = host_choices(names) if variant == "host" else {}
     for name in [*names, FLOOR_MODEL]:
-        written += write_model(spec_for(name), target, root, best.get(name, "fp32"))
+        written += write_model(spec_for(name), target, root, best.get(name, "fp32"), choices.get(name))
+    written.append(write_stamp(root, target, variant, choices))
     return written
+
+
+def host_choices(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``export.host_choice.choose`` per model: cached per instruction set, measured here when not current."""
+    from export.host_choice import choose
+
+    return {n: choose(n) for n in names}
+
+
+def write_stamp(root: Path, target: str, variant: str, choices: dict[str, dict[str, Any]]) -> Path:
+    """``<repo>/attnzoo.json``: the target and selection this repository was generated for, and per model what
+    each Triton model serves; the server refuses a repository generated for another target."""
+    from training.fingerprint import host_fingerprint
+
+    old = read_stamp(root) or {}
+    same = old.get("target") == target and old.get("variant") == variant
+    served = {**(old.get("served", {}) if same else {}), **{n: ch["served"] for n, ch in choices.items()}}
+    stamp = {"generator": "serving.repository", "target": target, "variant": variant,
+             "isa_key": next(iter(choices.values()))["isa_key"] if choices else old.get("isa_key") if same else None,
+             "host": host_fingerprint().get("cpu"), "served": served}
+    path = root / STAMP_FILE
+    write_text(path, json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_stamp(repo_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """The repository's stamp (``write_stamp``), or None for a repository this generator did not write."""
+    path = layout.repository_root(repo_dir) / STAMP_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RepositoryError(f"{path}: not JSON ({e})") from None
 
 
 def served_models(repo_dir: str | Path | None = None) -> list[str]:
@@ -437,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpu: python backend + onnxruntime (pip's tritonserver); gpu: native backends")
     p.add_argument("--repo", type=Path, default=None, help="repository folder (default: model_repository/)")
     p.add_argument("--variant", choices=VARIANT_CHOICES, default="fp32",
-                   help="best: each model serves its fastest gated variant (reports/variants.json; cpu target)")
+                   help="host: each model's engine and threading chosen by measurement on this host, and its int8 "
+                        "model served only where it measured faster here (export.host_choice; cpu target); "
+                        "best: each default model serves its fastest gated variant (reports/variants.json)")
     p.add_argument("--check", action="store_true", help="only validate the existing configs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)

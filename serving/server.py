@@ -225,6 +225,19 @@ def _first_line(text: str | None) -> str:
 PROBE_IMAGE = "P3\n2 2\n255\n" + "40 80 120 " * 4
 
 
+def check_target(repository: Path) -> dict[str, Any] | None:
+    """The repository's stamp (``serving.repository.write_stamp``); a repository generated for another target
+    than this tritonserver's (pip's has only the python backend: ``--target cpu``) is refused, naming both."""
+    from serving.repository import STAMP_FILE, read_stamp
+
+    stamp = read_stamp(repository)
+    if stamp is not None and stamp.get("target") != "cpu":
+        raise ServerError(f"{repository} was generated for --target {stamp.get('target')} (its {STAMP_FILE}); this "
+                          f"tritonserver (nvidia-pytriton) has only the python backend: serve it with NVIDIA's "
+                          f"Triton container, or run `attnzoo repository --target cpu` for this one")
+    return stamp
+
+
 def probe_inputs(config: dict) -> list[dict]:
     """A real, small request from the model's own config: warm-up dims where given, else 64 for -1."""
     warm = (config.get("model_warmup") or [{}])[0].get("inputs", {})
@@ -345,6 +358,7 @@ class TritonServer:
             raise ServerError("server already started")
         if not self.models:
             raise ServerError(f"no models to serve in {self.repository} (no */config.pbtxt): run `make export`")
+        check_target(self.repository)
         for what, port in self._ports().items():
             if not port_free(port, self.host):
                 raise ServerError(f"{what} port {self.host}:{port} is already in use (a server running already?)")
@@ -746,10 +760,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     server = None
     try:
-        if not args.no_generate:
+        if not args.no_generate:  # regenerate a cpu repository with its own selection; never another target's
             from serving.repository import write_repository
+            from training.layout import repository_root
 
-            write_repository(args.models, "cpu", args.repo)
+            stamp = check_target(repository_root(args.repo))
+            write_repository(args.models, "cpu", args.repo, (stamp or {}).get("variant", "fp32"))
         server = TritonServer(args.repo, args.models, host=args.host, http_port=args.http_port,
                               grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                               startup_timeout=args.timeout, require_all=not args.allow_load_errors,

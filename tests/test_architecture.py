@@ -18,6 +18,7 @@ from export.runners import OnnxRuntimeRunner, TorchRunner
 from serving import repository as rep
 from serving.client import PROTOCOLS, Client
 from serving.server import TritonServer, free_ports
+from tests.conftest import stop_in_background
 from training import layout
 from training.feeds import sample_feeds
 from training.registry import (
@@ -168,8 +169,10 @@ def test_configs_compose_the_graphs(toy_repo):
 def toy_server(toy_repo):
     repo, _ = toy_repo
     http, grpc, metrics = free_ports(3)
-    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True) as server:
-        yield server
+    # Its own server, not a shared one: the toy specs' repository.
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True).start()
+    yield server
+    stop_in_background(server, "test_architecture.py toy_server")
 
 
 @pytest.mark.server
@@ -243,7 +246,7 @@ def test_client_and_repository_generator_load_no_torch():
 
 
 @pytest.mark.parametrize("module", ["training", "export", "export.fp16", "export.engines", "export.gpu_check",
-                                    "export.speed", "export.verify"])
+                                    "bench.ort_vs_torch", "export.verify"])
 def test_every_cli_rejects_an_unknown_model_with_one_line(module):
     out = subprocess.run([sys.executable, "-m", module, "no_such_model"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0

@@ -14,7 +14,7 @@ from serving.cli import COMMANDS
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_BYTES = 10 * 1024
-PROJECT = ("training", "export", "serving")
+PROJECT = ("training", "export", "serving", "bench")
 
 # Pages the README links to that concurrent work adds (named, not skipped silently): an entry whose file exists is
 # an error too, so the list empties as they land.

@@ -21,6 +21,7 @@ import pytest
 
 from serving.frontdoor import create_app, serve_in_thread
 from serving.server import TritonServer, free_ports
+from tests.conftest import stop_in_background
 from training import layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,9 +81,12 @@ def triton(browser_context):
     if missing:
         pytest.skip(f"not in {layout.repository_root()}: {', '.join(missing)}; run `make export` first")
     http, grpc, metrics = free_ports(3)
-    with TritonServer(layout.repository_root(), models, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      require_all=True) as srv:
-        yield srv
+    # Its own server, not a shared one: the page's "all models" must find these models loaded and the repository's
+    # others not (test_all_models_at_once).
+    srv = TritonServer(layout.repository_root(), models, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                       require_all=True).start()
+    yield srv
+    stop_in_background(srv, "test_explorer.py triton")
 
 
 @pytest.fixture(scope="module")

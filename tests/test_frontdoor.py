@@ -1,9 +1,9 @@
 """The front door (serving/frontdoor.py) in front of a REAL tritonserver, over real sockets, no mocks.
 
-A temp repository with an untrained ``cnn`` exported here, tritonserver on free loopback ports, the front door
-on uvicorn in a thread: the request that aborts tritonserver's HTTP path, every malformed case from the
-issue, parity with Triton's own HTTP answers (JSON and binary, through ``tritonclient.http``), a bounded
-hypothesis fuzz run, and the latency helper.
+The session's temp repository with an untrained ``cnn`` and its tritonserver on free loopback ports (shared with
+tests/test_serving.py: tests/conftest.py), the front door on uvicorn in a thread: the request that aborts
+tritonserver's HTTP path, every malformed case from the issue, parity with Triton's own HTTP answers (JSON and
+binary, through ``tritonclient.http``), a bounded hypothesis fuzz run, and the latency helper.
 """
 
 from __future__ import annotations
@@ -24,19 +24,16 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from serving import repository as rep
+from bench.frontdoor_overhead import format_overhead, measure_overhead
 from serving.frontdoor import (
     DEFAULT_BODY_LIMIT,
     HEADER_LENGTH,
     RequestError,
     Triton,
     create_app,
-    format_overhead,
-    measure_overhead,
     serve_in_thread,
 )
 from serving.server import TritonServer, free_ports
-from training import layout
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "cnn"
@@ -44,19 +41,10 @@ pytestmark = [pytest.mark.server, pytest.mark.filterwarnings("ignore::Deprecatio
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory):
-    import torch
-
-    from export.onnx_export import export_onnx
-    from training.registry import create_model, get_spec
-
-    repo = tmp_path_factory.mktemp("repo")
-    torch.manual_seed(0)
-    export_onnx(get_spec(MODEL), create_model(MODEL).eval(), layout.onnx_path(MODEL, repo))
-    rep.write_repository([MODEL], "cpu", repo)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    with TritonServer(repo, [MODEL], http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) as srv:
-        yield srv
+def triton(untrained_server):
+    """The session's tritonserver on a temp repository with an untrained ``cnn`` (tests/conftest.py; shared with
+    tests/test_serving.py): nothing here kills it, and the reload test loads the model back."""
+    return untrained_server
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +103,7 @@ def _good(url: str) -> None:
 
 def _triton_ok(triton: TritonServer) -> None:
     assert triton.alive() and triton.live()
-    assert triton.health() == {MODEL: None}
+    assert triton.health() == {m: None for m in triton.models} and MODEL in triton.models
 
 
 # ------------------------------------------------------------------------------------------ 1. killer
@@ -157,7 +145,7 @@ CASES = {
     "binary garbage with header": (b"\x00\xff\x13garbage" * 100, {HEADER_LENGTH: "7"}, "not valid JSON"),
     "header length past the body": (b'{"inputs": []}', {HEADER_LENGTH: "999999"}, HEADER_LENGTH),
     "header length not a number": (b'{"inputs": []}', {HEADER_LENGTH: "-3"}, HEADER_LENGTH),
-    "binary size mismatch": (*_binary((1, 1, 64, 64), b"\x00" * 100), "binary_data_size 100"),
+    "binary size mismatch": (*_binary((1, 1, 64, 64), b"\x00" * 100), "100 bytes of data, the shape needs 4096"),
     "binary shorter than claimed": (*_binary((1, 1, 64, 64), b"\x00" * 100, 16384), "runs past"),
     "binary extra bytes": (*_binary((1, 1, 64, 64), b"\x00" * 16384 + b"xx", 16384), "2 bytes of binary"),
     "binary NaN": (*_binary((1, 1, 64, 64), NAN_BYTES), "4096 NaN/Inf"),

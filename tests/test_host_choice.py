@@ -8,7 +8,7 @@ import json
 import pytest
 
 from export import host_choice
-from export.host_choice import choose, isa_key, pick
+from export.host_choice import ENGINES, choose, isa_key, pick
 from export.variants import variant_graphs
 from training.fingerprint import host_fingerprint
 from training.registry import get_spec
@@ -90,6 +90,28 @@ def test_real_choice_on_this_host_is_gated_cached_and_reused(tmp_path, monkeypat
         base = cands[(got["engine"], "fp32", got["setting"])]
         assert all(chosen["p50"][b] < base["p50"][b] for b in chosen["p50"])
     assert all(p.endswith(".onnx") for p in got["graphs"].values())
+    # What the repository generator serves: fp32 always (an engine that passed parity here), never a slower int8.
+    served = got["served"]
+    assert served["fp32"]["engine"] in ENGINES and cands[(served["fp32"]["engine"], "fp32",
+                                                           served["fp32"]["setting"])]["passed"]
+    if served.get("int8"):
+        assert all(served["int8"]["p50"][b] < served["fp32"]["p50"][b] for b in served["fp32"]["p50"])
     # The second call reads the cache: measuring again would fail here.
     monkeypatch.setattr(host_choice, "measure_model", lambda *a, **k: pytest.fail("re-measured a current entry"))
     assert choose("cnn", root=tmp_path)["measured_at"] == got["measured_at"]
+
+
+def test_served_threading_is_per_model_with_a_host_wide_fallback(tmp_path) -> None:
+    """``bench.served_threads``'s verdict, recorded per instruction set: a measured model gets its own setting,
+    any other model the host-wide one; with no measurement, None (spin off, the spec's instances)."""
+    from export.host_choice import cache_path, record_served_threading, served_threading
+
+    assert served_threading(root=tmp_path, model="cnn") is None
+    verdict = {"chosen": "spin off x1", "spinning": False, "instances": 1,
+               "models": {"cnn": {"chosen": "spin on x1", "spinning": True, "instances": 1}}}
+    record_served_threading(verdict, cache_path(root=tmp_path))
+    assert served_threading(root=tmp_path, model="cnn")["spinning"] is True
+    assert served_threading(root=tmp_path, model="mhsa")["chosen"] == "spin off x1"
+    table = [_c("onnxruntime", "fp32", 1.0, 20.0), _c("onnxruntime", "fp32", 0.5, 19.0, setting="spin on")]
+    assert host_choice.pick_variant(table, "fp32")["setting"] == "spin off"  # in-process timing does not decide
+    assert host_choice.pick_variant(table, "fp32", spin="spin on")["setting"] == "spin on"

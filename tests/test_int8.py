@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from export import manifest
 from export.int8 import Int8Choice, Int8GateError, Int8GraphError, build_int8_graphs, int8_gate, quantized_nodes
 from export.int8.__main__ import main
 from export.int8.calibration import BATCH, TrainingImages, training_feeds
@@ -178,6 +179,13 @@ def test_repository_serves_the_int8_variant(cnn, calibration, tmp_path):
     int8 = layout.int8_onnx_path(MODEL, repo_dir=tmp_path)
     int8.parent.mkdir(parents=True)
     int8.symlink_to(graph.resolve())
+    rep.write_repository([MODEL], "cpu", tmp_path)  # a graph placed by hand, no export manifest: not served
+    assert sorted(rep.check_repository(tmp_path)) == sorted(["cnn", *image, "passthrough"])
+    manifest.write(spec, {MODEL: dst}, {"passed": True}, repo_dir=tmp_path)
+    manifest.set_variant(MODEL, "int8", {MODEL: int8}, {"passed": False}, repo_dir=tmp_path)
+    rep.write_repository([MODEL], "cpu", tmp_path)  # the manifest says it missed its gate: not served
+    assert sorted(rep.check_repository(tmp_path)) == sorted(["cnn", *image, "passthrough"])
+    manifest.set_variant(MODEL, "int8", {MODEL: int8}, {"passed": True}, repo_dir=tmp_path)
     rep.write_repository([MODEL], "cpu", tmp_path)
     assert sorted(rep.check_repository(tmp_path)) == sorted(["cnn", *image, "cnn_int8", "passthrough"])
     cfg = rep.parse_config(layout.config_path("cnn_int8", tmp_path).read_text())
@@ -223,6 +231,8 @@ def test_served_int8_equals_the_in_process_int8_graph(cnn, calibration, tmp_path
     for src, dst in ((graph, int8), (fp32[MODEL], fp)):
         dst.parent.mkdir(parents=True)
         dst.symlink_to(src.resolve())
+    manifest.write(spec, {MODEL: fp}, {"passed": True}, repo_dir=tmp_path / "repo")
+    manifest.set_variant(MODEL, "int8", {MODEL: int8}, {"passed": True}, repo_dir=tmp_path / "repo")
     rep.write_repository([MODEL], "cpu", tmp_path / "repo")
     x, _ = digits.test_images(96)
     local = OnnxRuntimeRunner(graph).infer({"image": x})
@@ -242,7 +252,7 @@ def test_served_int8_equals_the_in_process_int8_graph(cnn, calibration, tmp_path
 
 
 def test_variants_never_pick_a_variant_that_missed_its_gate(cnn, tmp_path, monkeypatch):
-    from export import variants
+    from bench import variants
     from training import paths
 
     spec, _ = cnn

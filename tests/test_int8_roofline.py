@@ -1,4 +1,4 @@
-"""The int8 roofline (``export.int8.roofline``): the single-conv graphs, the layer census and the arithmetic that
+"""The int8 roofline (``bench.int8_roofline``): the single-conv graphs, the layer census and the arithmetic that
 turns them into an expected speed-up. Timings themselves are not asserted (a loaded host would fail them)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.int8.roofline import ceiling, conv_graph, conv_speedups, layer_widths, speedup_at, width_shares
+from bench.int8_roofline import ceiling, conv_graph, conv_speedups, layer_widths, speedup_at, width_shares
 
 SPEEDUPS = {"16": {"speedup": 1.0}, "64": {"speedup": 2.0}, "256": {"speedup": 3.0}}
 

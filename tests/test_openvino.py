@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.compare import compare, spec_tolerance
+from export.compare import Tolerance, compare, spec_tolerance
 from export.host_choice import cpu_runner, int8_gate, int8_reference
 from export.openvino_runner import OpenVinoCompileError, OpenVinoRunner
 from export.runners import infer_batched
@@ -93,3 +93,49 @@ def test_int8_gate_judges_openvino_answers(name: str) -> None:
     # from one compile of the same graph to the next (measured: max abs 30 between two compiles, same input).
     if agreement < bar - 0.05:
         assert not g["passed"], (agreement, g)
+
+
+@pytest.mark.server
+def test_served_on_openvino_through_the_python_backend(tmp_path) -> None:
+    """A config that names ``engine: openvino`` (as the host choice writes it) is served by OpenVINO inside
+    Triton's python backend: answers equal OpenVINO's in process, within the fp32 parity bound of torch, at two
+    batch sizes and two input sizes; a bad engine name fails the model's load naming it."""
+    import shutil
+
+    from export.runners import TorchRunner
+    from serving import repository as rep
+    from serving.client import Client
+    from serving.server import TritonServer, free_ports
+    from training.checkpoints import load_trained
+
+    name = "cnn"
+    if name not in EXPORTED:
+        pytest.skip("cnn not exported: run `make export`")
+    spec = get_spec(name)
+    dst = layout.onnx_path(name, tmp_path)
+    dst.parent.mkdir(parents=True)
+    shutil.copyfile(layout.onnx_path(name), dst)
+    choice = {"isa_key": "test", "served": {"fp32": {"engine": "openvino", "setting": "dynamic", "instances": 1}}}
+    rep.write_model(spec, "cpu", tmp_path, choice=choice)
+    bad = rep.parse_config(layout.config_path(name, tmp_path).read_text())
+    bad.name = f"{name}_bad_engine"
+    bad.parameters["engine"].string_value = "tensorflow"
+    (layout.version_dir(bad.name, tmp_path)).mkdir(parents=True)
+    shutil.copyfile(dst, layout.onnx_path(bad.name, tmp_path))
+    shutil.copyfile(rep.BACKEND_MODEL_PY, layout.version_dir(bad.name, tmp_path) / layout.BACKEND_FILE)
+    rep.write_text(layout.config_path(bad.name, tmp_path), rep.config_text(bad))
+    local = OpenVinoRunner(dst, static=False)
+    torch_ref = TorchRunner.for_spec(spec, load_trained(name))
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(tmp_path, [name, bad.name], http_port=http, grpc_port=grpc, metrics_port=metrics) as srv:
+        assert "unknown engine 'tensorflow'" in srv.load_errors.get(bad.name, ""), srv.load_errors
+        client = Client(name, "grpc", srv.grpc_url)
+        for side in spec.checks.parity_sides:
+            feeds = sample_feeds(spec, 8, side)
+            for b in (1, 8):
+                x = {k: v[:b] for k, v in feeds.items()}
+                got = client.infer(x)
+                same = compare(local.infer(x), got, spec.outputs, Tolerance(1e-5, 1.0))
+                assert same.ok, same.failures
+                c = compare(torch_ref.infer(x), got, spec.outputs, spec_tolerance(spec), where=f"b{b} {side}px")
+                assert c.ok, c.failures

@@ -1,4 +1,4 @@
-"""Smoke test of the peer table (export/peers.py): one small model, one batch, a few rounds, native and held to
+"""Smoke test of the peer table (bench/peers.py): one small model, one batch, a few rounds, native and held to
 AVX2 in a subprocess; torch.compile is left out here (its compile takes about a minute per shape on 2 cores)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from export import peers
+from bench import peers
 from export.host_choice import isa_key
 from export.markdown import HOST_LINE_PREFIX
 from export.variants import variant_graphs

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.reliability import is_client_error, run, write_report
+from bench.reliability import is_client_error, run, write_report
 
 
 @pytest.mark.server

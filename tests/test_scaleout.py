@@ -38,7 +38,7 @@ NOBODY = 65534
 
 @pytest.fixture(scope="module")
 def cases():
-    from serving.scaleout_bench import reference_cases
+    from bench.scaleout import reference_cases
     from training import layout
 
     if not (layout.config_path(MODEL)).exists() or not layout.onnx_path(MODEL).exists():
@@ -56,14 +56,14 @@ def tier():
 @pytest.fixture(scope="module")
 def door(tier):
     """The front door in front of Envoy's socket, in a process of its own (as `make serve --replicas 2` runs it)."""
-    from serving.scaleout_bench import front_door_process
+    from bench.scaleout import front_door_process
 
     with front_door_process(tier.grpc_url) as urls:
         yield urls
 
 
 def _load(door: dict[str, str], cases, **kw):
-    from serving.scaleout_bench import Load
+    from bench.scaleout import Load
 
     return Load(door, MODEL, cases, **kw).connect()  # the clients' readiness probes happen here, not mid-count
 
@@ -321,9 +321,9 @@ def test_served_from_s3_matches_the_folder(s3, cases, tmp_path):
     import onnx
     from onnx import numpy_helper
 
+    from bench.scaleout import front_door_process
     from export.runners import OnnxRuntimeRunner
     from serving.objectstore import S3TritonServer, get, list_models, put
-    from serving.scaleout_bench import front_door_process
     from serving.server import TritonServer, free_ports
 
     store, url = s3
@@ -371,7 +371,7 @@ def test_served_from_s3_matches_the_folder(s3, cases, tmp_path):
 
 def test_replicas_from_s3_behind_envoy(s3, cases):
     """The replica set serves straight from the bucket too (the model list read from it), behind the front door."""
-    from serving.scaleout_bench import Load, front_door_process
+    from bench.scaleout import Load, front_door_process
 
     _, url = s3
     with ReplicaSet(url, None, 2, watchdog_s=0) as rs, front_door_process(rs.grpc_url) as door:

@@ -27,6 +27,7 @@ from export.compare import compare, spec_tolerance
 from export.runners import OnnxRuntimeRunner, TorchRunner
 from serving import repository as rep
 from serving.server import TritonServer, free_ports, port_free, probe_inputs
+from tests.conftest import stop_in_background
 from training import layout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +133,9 @@ def test_write_repository_only_adds_next_to_exported_graphs(tmp_path):
     assert {p.relative_to(tmp_path).as_posix() for p in written} == {
         "cnn/config.pbtxt", "cnn/1/model.py", "passthrough/config.pbtxt", "passthrough/1/model.py",
         # raw image files in: the preprocessing model and the ensemble with the class labels
-        "cnn_preprocess/config.pbtxt", "cnn_preprocess/1/model.py", "cnn_image/config.pbtxt", "cnn_image/labels.txt"}
+        "cnn_preprocess/config.pbtxt", "cnn_preprocess/1/model.py", "cnn_image/config.pbtxt", "cnn_image/labels.txt",
+        "attnzoo.json"}  # the stamp: target and selection, read by the server
+    assert rep.read_stamp(tmp_path)["target"] == "cpu"
     assert (tmp_path / "cnn/1/model.py").read_bytes() == rep.BACKEND_MODEL_PY.read_bytes()
     assert sorted(rep.check_repository(tmp_path)) == ["cnn", "cnn_image", "cnn_preprocess", "passthrough"]
     # The floor graph is an Identity with the image input's dynamic signature.
@@ -194,17 +197,10 @@ def test_repository_cli(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    """A temp repository with an untrained ``cnn`` exported here, and the pass-through floor model."""
-    from export.onnx_export import export_onnx
-    from training.registry import create_model, get_spec
-
-    repo = tmp_path_factory.mktemp("repo")
-    torch.manual_seed(0)
-    model = create_model("cnn").eval()
-    export_onnx(get_spec("cnn"), model, layout.onnx_path("cnn", repo))
-    rep.write_repository(["cnn"], "cpu", repo)
-    return repo, model
+def untrained(untrained_repo):
+    """A temp repository with an untrained ``cnn`` exported here, and the pass-through floor model (the session's,
+    tests/conftest.py)."""
+    return untrained_repo
 
 
 # Every model of the untrained repository, ready (cnn_image / cnn_preprocess: raw image files in, written for
@@ -213,16 +209,11 @@ HEALTHY = {m: None for m in ("cnn", "cnn_image", "cnn_preprocess", "passthrough"
 
 
 @pytest.fixture(scope="module")
-def server(untrained):
-    import gc
-
-    srv = _start(untrained[0])
-    yield srv
-    # Clients the tests left open (held by exception tracebacks) keep HTTP connections: Triton waits for
-    # open connections until its exit timeout, then exits 1. Collect them first, as a closing client would.
-    gc.collect()
-    assert srv.stop() == 0  # a clean SIGTERM shutdown
-    assert all(port_free(p) for p in (srv.http_port, srv.grpc_port, srv.metrics_port))
+def server(untrained_server):
+    """The session's server on the untrained repository (tests/conftest.py; tests/test_frontdoor.py shares it): its
+    stop at the session's end asserts a clean exit and freed ports. The tests below that kill, crash or pin a server
+    start their own."""
+    return untrained_server
 
 
 @pytest.mark.server
@@ -300,8 +291,8 @@ def _bad_inputs() -> dict[str, tuple[dict[str, np.ndarray], str]]:
         "batch_over_max": ({"image": np.zeros((65, 1, 64, 64), np.float32)}, "batch-size must be <= 64"),
         "unknown_input": ({"img": ok}, "unexpected inference input 'img'"),
         "extra_input": ({"image": ok, "mask": ok}, "expected 1 inputs but got 2"),
-        "nan": ({"image": nan}, "input 'image' has 1 NaN/Inf value(s)"),
-        "inf": ({"image": inf}, "input 'image' has 1 NaN/Inf value(s)"),
+        "nan": ({"image": nan}, "input 'image' shape [1, 1, 64, 64] (FP32): 1 NaN/Inf value(s)"),
+        "inf": ({"image": inf}, "input 'image' shape [1, 1, 64, 64] (FP32): 1 NaN/Inf value(s)"),
         "empty_batch": ({"image": np.zeros((0, 1, 64, 64), np.float32)}, "'image'"),
         "tiny_image": ({"image": np.zeros((1, 1, 1, 1), np.float32)}, "must be in 48..96"),
         "huge_image": ({"image": np.zeros((1, 1, 4096, 4096), np.float32)}, "must be in 48..96"),
@@ -335,7 +326,8 @@ def test_bad_request_in_a_batch_does_not_fail_the_others(server, untrained, prot
     batches = [images[i:i + 1].copy() for i in range(16)]
     for i in (3, 11):
         batches[i][0, 0, 0, 0] = np.nan
-    got = _client(server, "cnn", protocol).infer_many(batches, concurrency=16, return_errors=True)
+    # validate=False: the client refuses NaN itself (serving.validation); this is about the server's batches
+    got = _client(server, "cnn", protocol).infer_many(batches, concurrency=16, return_errors=True, validate=False)
     for i, g in enumerate(got):
         if i in (3, 11):
             assert isinstance(g, InferenceError) and "NaN/Inf" in str(g)
@@ -351,9 +343,9 @@ def test_client_side_errors_are_one_line(server, protocol):
     c = _client(server, "cnn", protocol)
     ok = _real_images(1)[0]
     cases = {
-        "takes float32, got float64": ok.astype(np.float64),
-        "takes shape [B, 1, ?, ?], got [1, 3, 64, 64]": np.zeros((1, 3, 64, 64), np.float32),
-        "batch of 65 outside 1..64": np.zeros((65, 1, 64, 64), np.float32),
+        "datatype 'FP64', the model takes FP32": ok.astype(np.float64),
+        "shape [1, 3, 64, 64]: axis 1 is 3, the model takes 1": np.zeros((1, 3, 64, 64), np.float32),
+        "batch 65 exceeds max_batch_size 64": np.zeros((65, 1, 64, 64), np.float32),
         "has no input 'img'": {"img": ok},
     }
     for expected, x in cases.items():
@@ -806,7 +798,7 @@ def trained_server(tmp_path_factory):
     import gc
 
     gc.collect()  # tritonserver exits 1 if an HTTP client's connection is still open at shutdown
-    assert srv.stop() == 0
+    stop_in_background(srv, "test_serving.py trained_server", clean=True)  # exit code 0, asserted at the end
 
 
 def _model_names() -> list[str]:

@@ -6,20 +6,20 @@ import json
 
 import pytest
 
-from serving import bench
+from bench import served
 
 
 def test_perf_analyzer_runs_with_the_bundled_libraries():
     # tritonclient[all] ships the binary; it needs libb64.so.0d and libcudart.so.12 from nvidia_pytriton.libs.
-    assert bench.perf_analyzer_bin() is not None, "perf_analyzer not installed (tritonclient[all]==2.51.0)"
-    assert bench.perf_analyzer_works()
+    assert served.perf_analyzer_bin() is not None, "perf_analyzer not installed (tritonclient[all]==2.51.0)"
+    assert served.perf_analyzer_works()
 
 
 @pytest.mark.server
 def test_bench_smoke_writes_tables_and_plot(tmp_path):
-    s = bench.Settings(concurrency=(1, 4), protocols=("grpc", "http"), window_ms=500, max_trials=3,
+    s = served.Settings(concurrency=(1, 4), protocols=("grpc", "http"), window_ms=500, max_trials=3,
                        inprocess_s=0.3, tool="python", frontdoor_requests=20)
-    res = bench.run([], s, tmp_path, log=lambda m: None)
+    res = served.run([], s, tmp_path, log=lambda m: None)
     rows = res["rows"]
     combos = {(r.runtime, r.protocol, r.batching, r.concurrency) for r in rows}
     assert combos == {("torch", "in-process", "-", 1), ("torch", "in-process", "-", 4),
@@ -48,10 +48,10 @@ def test_perf_analyzer_run_keeps_the_load_generator_off_the_server_cores(tmp_pat
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one usable core: nothing to split")
     before = os.sched_getaffinity(0)
-    s = bench.Settings(concurrency=(1,), protocols=("grpc",), window_ms=500, max_trials=3, inprocess_s=0.3,
+    s = served.Settings(concurrency=(1,), protocols=("grpc",), window_ms=500, max_trials=3, inprocess_s=0.3,
                        tool="perf_analyzer")
-    res = bench.run([], s, tmp_path, log=lambda m: None)
-    server_cpus, client_cpus = bench.split_cores()
+    res = served.run([], s, tmp_path, log=lambda m: None)
+    server_cpus, client_cpus = served.split_cores()
     assert res["meta"]["pinning"] == (f"server and in-process references on CPU {','.join(map(str, server_cpus))}, "
                                       f"perf_analyzer on CPU {','.join(map(str, client_cpus))}")
     assert any(r.tool == "perf_analyzer" for r in res["rows"] if r.runtime == "triton")
@@ -60,7 +60,7 @@ def test_perf_analyzer_run_keeps_the_load_generator_off_the_server_cores(tmp_pat
 
 
 def test_served_variants_never_picks_a_variant_that_missed_its_gate():
-    from serving import variant_bench as vb
+    from bench import variants_served as vb
 
     gates = {"fp32": {"passed": True}, "int8": {"passed": False}, "fp16": {"passed": True}}
     # fp16 is not served on CPU, and a variant Triton does not serve is not timed.

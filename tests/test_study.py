@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from bench.study import Arm, Claim, Study, get_study, list_studies, run_study, seeded, summarize
 from training import paths
 from training.registry import Stage, TrainRecipe, get_spec
-from training.study import Arm, Claim, Study, get_study, list_studies, run_study, seeded, summarize
 from training.train import plan_stages
 
 

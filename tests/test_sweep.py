@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from export import sweep
+from bench import sweep
 from export.markdown import HOST_LINE_PREFIX
 from tests.conftest import early, early_process, require_checkpoint
 
@@ -24,7 +24,7 @@ def test_variant_keeps_the_weights_and_changes_the_argument():
     assert set(v.builder().state_dict()) == set(spec.builder().state_dict())
 
 
-SWEEP = ["-m", "export.sweep", "feedback", "--param", "iters", "--values", "0", "2", "--batches", "1",
+SWEEP = ["-m", "bench.sweep", "feedback", "--param", "iters", "--values", "0", "2", "--batches", "1",
          "--rounds", "2", "--test-size", "32"]
 
 

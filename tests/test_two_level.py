@@ -17,7 +17,7 @@ from export.runners import TorchRunner
 from serving import repository as rep
 from serving.client import PROTOCOLS, Client
 from serving.server import TritonServer, free_ports
-from tests.conftest import require_checkpoint
+from tests.conftest import require_checkpoint, stop_in_background
 from training import layout
 from training.feeds import sample_feeds
 from training.models.two_level import (
@@ -185,8 +185,10 @@ def served(trained, graphs):
     rep.write_text(layout.config_path(cfg.name, repo), rep.config_text(cfg))
     rep.copy_file(rep.BACKEND_PIPELINE_PY, layout.version_dir(cfg.name, repo) / layout.BACKEND_FILE)
     http, grpc, metrics = free_ports(3)
-    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True) as server:
-        yield server
+    # Its own server, not a shared one: this module's freshly exported graphs and a BLS variant of the ensemble.
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, require_all=True).start()
+    yield server
+    stop_in_background(server, "test_two_level.py served")
 
 
 @pytest.mark.server

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import early, early_process
+from tests.conftest import early, early_process, stop_in_background
 from training.sample_trees import write_cub_tree, write_folder_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,12 +106,22 @@ def _served(name: str, env: dict[str, str]):
                         http_port=http, grpc_port=grpc, metrics_port=metrics)
 
 
+@pytest.fixture(scope="module")
+def served(deployed):
+    """One tritonserver per layout, shared by the two tests below (they only infer, and the second asserts it
+    stays healthy); a server of its own, not the session's: the repository is this layout's temp one."""
+    name, _, env, _, _, _ = deployed
+    server = _served(name, env).start()
+    yield server
+    stop_in_background(server, f"test_user_images.py served {name}")
+
+
 def _files(tree: Path) -> list[Path]:
     files = sorted(p for p in tree.rglob("*") if p.suffix in (".jpg", ".png") and "broken" not in p.name)
     return files[::7][:20]
 
 
-def test_served_image_model_equals_torch_on_the_eval_transform(deployed):
+def test_served_image_model_equals_torch_on_the_eval_transform(deployed, served):
     from serving.client import Client, classify_files, file_batch
 
     name, tree, env, spec, model, _ = deployed
@@ -121,48 +131,46 @@ def test_served_image_model_equals_torch_on_the_eval_transform(deployed):
     with torch.no_grad():
         ref = {o.name: t.numpy() for o, t in zip(spec.outputs, model(torch.from_numpy(x)), strict=True)}
     labels = spec.class_names
-    with _served(name, env) as server:
-        for protocol in PROTOCOLS:
-            url = server.grpc_url if protocol == "grpc" else server.http_url
-            decoded = Client(f"{name}_preprocess", protocol, url).infer(file_batch(files))
-            assert np.abs(decoded[spec.inputs[0].name] - x).max() <= 1e-6, protocol
-            image = Client(f"{name}_image", protocol, url)
-            got = image.infer(file_batch(files))
-            for o in spec.outputs:
-                assert np.abs(got[o.name] - ref[o.name]).max() <= 1e-4, (protocol, o.name)
-            assert (got["logits"].argmax(-1) == ref["logits"].argmax(-1)).all()
-            top = classify_files(image, files, top=2)
-            for r, logits in zip(top, ref["logits"], strict=True):
-                (score, index, label), _ = r["logits"]
-                assert index == int(logits.argmax()) and label == labels[index]
-                assert abs(score - float(logits.max())) <= 1e-4
-        out = _run(["-m", "serving.client", "--model", name, "--url", server.grpc_url, str(files[0])], env)
-        assert labels[int(ref["logits"][0].argmax())] in out.stdout.splitlines()[1]
+    for protocol in PROTOCOLS:
+        url = served.grpc_url if protocol == "grpc" else served.http_url
+        decoded = Client(f"{name}_preprocess", protocol, url).infer(file_batch(files))
+        assert np.abs(decoded[spec.inputs[0].name] - x).max() <= 1e-6, protocol
+        image = Client(f"{name}_image", protocol, url)
+        got = image.infer(file_batch(files))
+        for o in spec.outputs:
+            assert np.abs(got[o.name] - ref[o.name]).max() <= 1e-4, (protocol, o.name)
+        assert (got["logits"].argmax(-1) == ref["logits"].argmax(-1)).all()
+        top = classify_files(image, files, top=2)
+        for r, logits in zip(top, ref["logits"], strict=True):
+            (score, index, label), _ = r["logits"]
+            assert index == int(logits.argmax()) and label == labels[index]
+            assert abs(score - float(logits.max())) <= 1e-4
+    out = _run(["-m", "serving.client", "--model", name, "--url", served.grpc_url, str(files[0])], env)
+    assert labels[int(ref["logits"][0].argmax())] in out.stdout.splitlines()[1]
 
 
-def test_bad_files_get_their_own_error_and_the_server_stays_ready(deployed, tmp_path):
+def test_bad_files_get_their_own_error_and_the_server_stays_ready(deployed, served, tmp_path):
     from PIL import Image
 
     from serving.client import Client, InferenceError, file_batch
 
-    name, tree, env, _, _, _ = deployed
+    name, tree, _, _, _, _ = deployed
     good = _files(tree)[0].read_bytes()
     bomb = tmp_path / "bomb.png"
     Image.new("L", (8000, 6000)).save(bomb)  # 48 MP of zeros: a small file, above the 40 MP limit
     bad = {"not an image": b"GIF89a but not really", "empty payload": b"", "above the limit": bomb.read_bytes(),
            "cannot decode": good[: len(good) // 3]}
-    with _served(name, env) as server:
-        for protocol in PROTOCOLS:
-            url = server.grpc_url if protocol == "grpc" else server.http_url
-            client = Client(f"{name}_image", protocol, url)
-            batches = [file_batch([good])] + [file_batch([b]) for b in bad.values()] + [file_batch([good, good])]
-            results = client.infer_many(batches, concurrency=len(batches), return_errors=True)
-            assert not isinstance(results[0], Exception) and not isinstance(results[-1], Exception)
-            assert results[-1]["logits"].shape[0] == 2
-            for (why, _), r in zip(bad.items(), results[1:-1], strict=True):
-                assert isinstance(r, InferenceError), why
-                assert "element 0" in str(r) and (why in str(r) or why == "cannot decode"), str(r)
-                assert r.status in ("400", "StatusCode.INVALID_ARGUMENT"), r.status
-            with pytest.raises(InferenceError):
-                client.infer(file_batch([b"x"]))
-        assert all(v is None for v in server.health().values())
+    for protocol in PROTOCOLS:
+        url = served.grpc_url if protocol == "grpc" else served.http_url
+        client = Client(f"{name}_image", protocol, url)
+        batches = [file_batch([good])] + [file_batch([b]) for b in bad.values()] + [file_batch([good, good])]
+        results = client.infer_many(batches, concurrency=len(batches), return_errors=True)
+        assert not isinstance(results[0], Exception) and not isinstance(results[-1], Exception)
+        assert results[-1]["logits"].shape[0] == 2
+        for (why, _), r in zip(bad.items(), results[1:-1], strict=True):
+            assert isinstance(r, InferenceError), why
+            assert "element 0" in str(r) and (why in str(r) or why == "cannot decode"), str(r)
+            assert r.status in ("400", "StatusCode.INVALID_ARGUMENT"), r.status
+        with pytest.raises(InferenceError):
+            client.infer(file_batch([b"x"]))
+    assert all(v is None for v in served.health().values())

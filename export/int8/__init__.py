@@ -1,7 +1,7 @@
 """INT8 graphs: quantize (``quantize``: QDQ, two flavours), calibrate on training images (``calibration``),
 choose the method and what stays float by measurement (``probe`` -> ``choices``), gate against the fp32 model
-(``gate``), time against fp32 (``bench``), build TensorRT-RTX engines (``engines``), report (``report``);
-``python -m export.int8`` is the CLI.
+(``gate``), build TensorRT-RTX engines (``engines``), report (``report``); ``python -m export.int8`` is the CLI
+(the int8 vs fp32 timings are ``bench.int8``).
 
 The int8 graph of a Triton model lives at ``training.layout.int8_onnx_path``; its FP32 source at
 ``training.layout.onnx_path``.

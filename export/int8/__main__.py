@@ -1,19 +1,18 @@
-"""``python -m export.int8 <model|all> [--probe] [--bench] [--tensorrt]``: quantize each exported model's graphs
+"""``python -m export.int8 <model|all> [--probe] [--tensorrt]``: quantize each exported model's graphs
 to QDQ int8 with its recorded choice, gate them on the test split against the fp32 torch model, and write
 reports/int8.{md,json}.
 
 ``--probe`` first measures the choice on held-out training images (calibration method, nodes kept float) and
-records it in export/int8/choices.json; ``--bench`` times int8 against fp32 onnxruntime at batch 1 and 32;
-``--tensorrt`` parses and builds the TensorRT flavour ahead of time. Results merge into reports/int8.json
-model by model, so models can be run one command at a time. A gate miss is an ``error:`` line naming the model
-and a non-zero exit.
+records it in export/int8/choices.json; ``--tensorrt`` parses and builds the TensorRT flavour ahead of time.
+Results merge into reports/int8.json model by model, so models can be run one command at a time
+(``python -m bench.int8`` adds the int8 vs fp32 timings the same way). A gate miss is an ``error:`` line naming
+the model and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from training import paths
@@ -21,10 +20,9 @@ from training import paths
 REPORT_JSON = "int8.json"
 
 
-def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = True, bench: bool = False,
+def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = True,
                    tensorrt: bool = False) -> dict[str, Any]:
     from export.cli_loop import exported_graphs
-    from export.int8.bench import bench_model
     from export.int8.choices import Int8Choice, choice_for, save_choice
     from export.int8.engines import build_int8_engines
     from export.int8.gate import int8_gate, remove_int8_graphs
@@ -46,10 +44,8 @@ def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = 
     if verdict != choice:
         save_choice(name, verdict)
     result |= {"choice": verdict.as_dict(), "gate": gate}
-    # A variant that missed its gate is still timed and built (the report says what it would have cost), and only
-    # then removed, so that it is never served.
-    if bench:
-        result["bench"] = bench_model(spec, fp32, {g: Path(p) for g, p in gate["int8_graphs"].items()}, choice)
+    # A variant that missed its gate is still built (the report says what it would have cost), and only then
+    # removed, so that it is never served (bench.int8 times it from the recorded choice).
     if tensorrt:
         result["tensorrt"] = build_int8_engines(spec, fp32, choice)
     if not verdict.ship:
@@ -58,9 +54,6 @@ def evaluate_model(name: str, n: int = 1000, probe: bool = False, nodes: bool = 
 
 
 def _show(name: str, r: dict[str, Any]) -> None:
-    if "bench" in r:
-        b = r["bench"]["batches"]
-        print(f"  int8 vs fp32 onnxruntime: batch 1 {b['1']['speedup']:.2f}x, batch 32 {b['32']['speedup']:.2f}x")
     if not r["gate"]["passed"]:
         print(f"error: model {name!r}: {'; '.join(r['gate']['failures'][:2])} (recorded: not shipped)",
               file=sys.stderr)
@@ -72,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     p = model_parser("python -m export.int8", __doc__, "test images per model for the gate (default 1000)")
     p.add_argument("--probe", action="store_true", help="measure and record the calibration method and keep-list")
     p.add_argument("--no-nodes", action="store_true", help="with --probe: compare calibrations only")
-    p.add_argument("--bench", action="store_true", help="time int8 vs fp32 onnxruntime at batch 1 and 32")
     p.add_argument("--tensorrt", action="store_true", help="parse and build the TensorRT-RTX int8 engines")
     args, names = parse(p, argv)
     if names is None:
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.int8.report import write_report
 
     return run_models(
-        names, lambda name: evaluate_model(name, args.images, args.probe, not args.no_nodes, args.bench, args.tensorrt),
+        names, lambda name: evaluate_model(name, args.images, args.probe, not args.no_nodes, args.tensorrt),
         lambda results: write_report(merge_results(paths.REPORTS_DIR / REPORT_JSON, results)),
         debug=args.debug, show=_show)
 

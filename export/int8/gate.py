@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from export import manifest
 from export.compare import Tolerance, compare
 from export.fp16.gate import fp32_graph_paths, graph_paths_of, reference_outputs
 from export.fp16.probe import graph_feeds
@@ -187,6 +188,8 @@ def int8_gate(spec: ModelSpec, model: Any, fp32: dict[str, Path] | Path, n: int 
     result["status"] = (f"int8 ({choice.calibration}, {kept} kept float) {agreement}, {result['metric']} "
                         f"{result['fp32_metric']:.4f} -> {result['int8_metric']:.4f} on {result['n']} images "
                         f"({'pass' if result['passed'] else 'FAIL'})")
+    if result["passed"]:  # the manifest names these very graphs as gated (the export step removes a failed one)
+        manifest.set_variant(spec.name, "int8", graphs, manifest.verdict(result))
     if raise_on_fail:
         require_gate(spec, result)
     return result

@@ -31,10 +31,9 @@ from export.int8.calibration import SELECTION_SEED, selection_data, training_fee
 from export.int8.choices import METHODS, Int8Choice
 from export.int8.gate import build_int8_graphs, measure, per_graph_feeds, prepared_graphs
 from export.int8.quantize import quantized_nodes
-from export.int8.speed import THREADS, batch_of
 from export.parity import deployed_runner
 from export.runners import infer_batched
-from export.timing import interleaved
+from export.timing import THREADS, batch_of, interleaved
 from training.registry import ModelSpec
 
 N_CALIBRATION = 256

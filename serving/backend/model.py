@@ -1,4 +1,4 @@
-"""The one generic Triton python-backend model: an onnxruntime session on ``<model dir>/<version>/model.onnx``.
+"""The one generic Triton python-backend model: one CPU engine's session on ``<model dir>/<version>/model.onnx``.
 
 Copied unchanged into every model's version folder by ``serving.repository``; everything model-specific
 (input/output names and dtypes, the ONNX file, thread count) comes from the model's own config.pbtxt.
@@ -21,12 +21,12 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.runtime import intra_op_threads, ort_session
+from export.cpu_engines import ServedSession
+from export.runtime import intra_op_threads
 from serving.contract import Contract, ContractError
+from serving.validation import InputError, ModelRules, check_arrays, with_defaults
 
-
-class BadRequest(ValueError):
-    pass
+BadRequest = InputError  # a request's own fault: its own error response (serving.validation's one-line message)
 
 
 def _error(message: str):
@@ -47,10 +47,14 @@ class TritonPythonModel:
         # Instances are separate processes sharing the host's cores: split the cores among them.
         instances = sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1
         threads = intra_op_threads(int(params.get("intra_op_threads") or 0), instances)
+        # The CPU engine and its threading, as chosen for this host by measurement (export.host_choice; written
+        # into the config by serving.repository): onnxruntime by default, OpenVINO where it measured faster.
+        engine = params.get("engine") or "onnxruntime"
         try:
-            self.session = ort_session(path, threads=threads, spinning=params.get("allow_spinning") == "1")
-        except Exception as e:  # onnxruntime raises its own types for corrupt/unreadable graphs
-            raise pb_utils.TritonModelException(f"model '{self.name}': cannot load ONNX file {path} ({e})") from None
+            self.session = ServedSession(path, engine, threads, spinning=params.get("allow_spinning") == "1")
+        except Exception as e:  # the engines raise their own types for corrupt/unreadable graphs
+            raise pb_utils.TritonModelException(
+                f"model '{self.name}': cannot load ONNX file {path} on {engine} ({e})") from None
         try:
             contract = Contract.from_parameters(params, self.name)
         except ContractError as e:
@@ -59,13 +63,13 @@ class TritonPythonModel:
         self.bounds = contract.input_bounds
         # Optional inputs a request may leave out ({name: default}) and integer inputs' allowed values.
         self.defaults, self.ranges = contract.input_defaults, contract.input_ranges
+        self.rules = ModelRules.from_config(cfg, contract)  # the one validator's (client, front door, here)
         self.in_specs = {i["name"]: (pb_utils.triton_string_to_numpy(i["data_type"]), [int(d) for d in i["dims"]])
                          for i in cfg["input"]}
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in cfg["output"]}
-        graph_in = {i.name for i in self.session.get_inputs()}
-        graph_out = {o.name for o in self.session.get_outputs()}
+        graph_in, graph_out = set(self.session.input_names), set(self.session.output_names)
         if set(self.inputs) != graph_in or not set(self.outputs) <= graph_out:
             raise pb_utils.TritonModelException(
                 f"model '{self.name}': config inputs {self.inputs} / outputs {self.outputs} do not match "
@@ -73,41 +77,10 @@ class TritonPythonModel:
             )
 
     def _read(self, request) -> list[np.ndarray]:
-        given = {name: pb_utils.get_input_tensor_by_name(request, name) for name in self.inputs}
-        batch = next((t.as_numpy().shape[0] for t in given.values() if t is not None and t.as_numpy().ndim), None)
-        arrays = []
-        for name in self.inputs:
-            t = given[name]
-            if t is None and name in self.defaults and batch:
-                dtype, dims = self.in_specs[name]
-                arrays.append(np.full((batch, *dims), self.defaults[name], dtype=dtype))
-                continue
-            if t is None:
-                raise BadRequest(f"model '{self.name}': missing input '{name}'")
-            a = t.as_numpy()
-            if a.ndim == 0 or a.shape[0] == 0:
-                raise BadRequest(f"model '{self.name}': input '{name}' is an empty batch (shape {list(a.shape)})")
-            for axis, (lo, hi) in self.bounds.get(name, {}).items():
-                size = a.shape[axis + 1] if axis + 1 < a.ndim else None
-                if size is None or not lo <= size <= hi:
-                    raise BadRequest(f"model '{self.name}': input '{name}' axis {axis + 1} of shape {list(a.shape)} "
-                                     f"must be in {lo}..{hi} (the model's allowed range)")
-            if name in self.ranges and a.size:
-                lo, hi = self.ranges[name]
-                if a.min() < lo or a.max() > hi:
-                    raise BadRequest(f"model '{self.name}': input '{name}' values must be in {lo:g}..{hi:g}, got "
-                                     f"{a.min()}..{a.max()}")
-            if batch is not None and a.shape[0] != batch:
-                raise BadRequest(f"model '{self.name}': input '{name}' has batch {a.shape[0]}, the other inputs "
-                                 f"{batch}")
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                bad = int(a.size - np.isfinite(a).sum())
-                raise BadRequest(
-                    f"model '{self.name}': input '{name}' has {bad} NaN/Inf value(s) of {a.size}; "
-                    "send finite values"
-                )
-            arrays.append(a)
-        return arrays
+        """The request's inputs in the config's order, optional ones left out filled with their defaults; refused
+        (BadRequest) with the same message the client and the front door give (``serving.validation``)."""
+        arrays = check_arrays(self.rules, {t.name(): t.as_numpy() for t in request.inputs()})
+        return with_defaults(self.rules, arrays)
 
     def _run(self, batch: list[np.ndarray]) -> list[np.ndarray]:
         outs = self.session.run(self.outputs, dict(zip(self.inputs, batch, strict=True)))

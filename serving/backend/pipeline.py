@@ -14,6 +14,8 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from serving.validation import ModelRules, check_arrays
+
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
@@ -24,15 +26,12 @@ class TritonPythonModel:
         if not self.steps:
             raise pb_utils.TritonModelException(f"model '{self.name}': no pipeline steps in its config")
         self.inputs = [i["name"] for i in cfg["input"]]
+        self.rules = ModelRules.from_config(cfg)  # the one validator's (client, front door, here)
         self.outputs = [o["name"] for o in cfg["output"]]
 
     def _run(self, request) -> pb_utils.InferenceResponse:
-        tensors = {}
-        for name in self.inputs:
-            t = pb_utils.get_input_tensor_by_name(request, name)
-            if t is None:
-                raise ValueError(f"model '{self.name}': missing input '{name}'")
-            tensors[name] = t.as_numpy()
+        # the validator's InputError is a ValueError: refused below with its one-line message
+        tensors = check_arrays(self.rules, {t.name(): t.as_numpy() for t in request.inputs()})
         for step in self.steps:
             sub = pb_utils.InferenceRequest(
                 model_name=step["model"],

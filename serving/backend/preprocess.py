@@ -19,6 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from serving.contract import Contract
+from serving.validation import InputError, ModelRules, check_arrays
 from training.images import ImageError
 
 
@@ -36,16 +37,13 @@ class TritonPythonModel:
         if pre is None:
             raise pb_utils.TritonModelException(f"model '{self.name}': its config has no 'preprocess' parameter")
         self.pre = pre
+        self.rules = ModelRules.from_config(cfg)  # the one validator's (client, front door, here)
         self.input = cfg["input"][0]["name"]
         self.output = cfg["output"][0]["name"]
 
     def _one(self, request) -> object:
-        t = pb_utils.get_input_tensor_by_name(request, self.input)
-        if t is None:
-            raise ImageError(f"model '{self.name}': missing input '{self.input}' (encoded image files, BYTES)")
-        files = t.as_numpy().reshape(-1)
-        if files.size == 0:
-            raise ImageError(f"model '{self.name}': input '{self.input}' is an empty batch")
+        # name, datatype, shape (a batch of >= 1 files) as everywhere else; then the files themselves
+        files = check_arrays(self.rules, {t.name(): t.as_numpy() for t in request.inputs()})[self.input].reshape(-1)
         files = [data if isinstance(data, bytes) else bytes(data) for data in files]
         self.pre.check_request(files, source=f"model '{self.name}': input '{self.input}'")  # before any decoding
         out = np.empty((len(files), self.pre.channels, self.pre.size, self.pre.size), np.float32)
@@ -64,6 +62,6 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._one(request))
-            except ImageError as e:
+            except (InputError, ImageError) as e:
                 responses.append(_error(str(e)))
         return responses

@@ -7,7 +7,7 @@ at every pixel, and the merged score map is the weighted sum. Merged scores and 
 the input size. Extra supervision: a cross-entropy on every scale's own score map beside the merged one,
 which the paper finds essential (without it the attention learns little).
 
-The merges compared in ``training.studies attention_to_scale`` (``merge``): ``attention`` (served),
+The merges compared in ``bench.studies attention_to_scale`` (``merge``): ``attention`` (served),
 ``average`` and ``max`` pooling over the scales (the paper's baselines), and a single scale.
 
 Export: every resize takes its size from the runtime shapes: the image is scaled with a scale factor
@@ -161,7 +161,7 @@ RECIPE = TrainRecipe(steps=1600, batch_size=32, lr=3e-3, train_size=8000, test_s
 
 def variant_spec(merge: str = "attention", scales: tuple[float, ...] = SCALES,
                  name: str = "attention_to_scale") -> ModelSpec:
-    """The served spec, or (other arguments) one of the paper's baselines for ``training.studies``."""
+    """The served spec, or (other arguments) one of the paper's baselines for ``bench.studies``."""
     how = {"attention": "a per-pixel softmax attention over scales", "average": "average pooling over scales",
            "max": "max pooling over scales"}[merge] if len(scales) > 1 else "a single scale"
     return ModelSpec(

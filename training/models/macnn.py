@@ -234,7 +234,7 @@ PART_GRID = Dim("map_rows", 12, 16, 24), Dim("map_cols", 12, 16, 24)
 
 
 def variant_spec(num_parts: int = 4, name: str | None = None) -> ModelSpec:
-    """The served MA-CNN (``num_parts`` 4), or another part count for ``training.studies``."""
+    """The served MA-CNN (``num_parts`` 4), or another part count for ``bench.studies``."""
     return ModelSpec(
         name=name or "macnn",
         family="macnn",

@@ -161,7 +161,7 @@ RECIPE = TrainRecipe(steps=1500, batch_size=64, lr=3e-3)
 
 def variant_spec(mask_norm: str = "mixed", residual: bool = True, use_mask: bool = True,
                  name: str = "residual_attention") -> ModelSpec:
-    """The served spec, or (other arguments) one of the paper's ablations for ``training.studies``."""
+    """The served spec, or (other arguments) one of the paper's ablations for ``bench.studies``."""
     return ModelSpec(
         name=name,
         family="residual_attention",

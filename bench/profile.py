@@ -1,4 +1,4 @@
-"""Where the time goes, per operator, in onnxruntime and in torch eager: the profile ``export.speed`` prints
+"""Where the time goes, per operator, in onnxruntime and in torch eager: the profile ``bench.ort_vs_torch`` prints
 for a model whose onnxruntime graph is not the target's times faster than torch.
 
 Both are self times per call, summed by operator (ORT's node op types from its profiler trace, torch's aten

@@ -1,5 +1,5 @@
 """One process x 2 threads vs 2 processes x 1 thread on this host, at equal steps and global batch
-(``python -m training.ddp_report``): reports/ddp.{md,json}.
+(``python -m bench.ddp``): reports/ddp.{md,json}.
 
 Arms, interleaved per repeat so that a shared host's load falls on all of them alike:
 
@@ -26,10 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from export.markdown import host_line
 from training import paths
-from training.fingerprint import isa_summary
 
-HOST_LINE_PREFIX = "Measured on: "  # the line export.markdown.host_line writes (training cannot import export)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ARMS = {
     "1 process x 2 threads (one-process loop)": ([], 2),
@@ -60,7 +59,7 @@ def run_arm(arm: str, model: str, steps: int, train_size: int, test_size: int, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.ddp_report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench.ddp", description=__doc__)
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--train-size", type=int, default=4000)
@@ -88,8 +87,8 @@ def write(a: argparse.Namespace, runs: list[dict], out: Path) -> None:
         rows.append(f"| {arm} | {len(rs)} | {s['accuracy']:.4f} | {train:.1f} | {train / a.steps * 1000:.0f} | "
                     f"{s['wall_seconds']:.1f} | {s['speed_vs_first']:.2f}x |")
     md = [f"# Data-parallel training on this host: 1 process x 2 threads vs 2 processes x 1 thread ({a.model})", "",
-          f"{HOST_LINE_PREFIX}{isa_summary()}.", "",
-          f"`python -m training.ddp_report --steps {a.steps} --train-size {a.train_size} --test-size {a.test_size} "
+          host_line(), "",
+          f"`python -m bench.ddp --steps {a.steps} --train-size {a.train_size} --test-size {a.test_size} "
           f"--repeats {a.repeats}`: the recipe's global batch, {a.steps} steps, {a.train_size} training / "
           f"{a.test_size} test samples; medians over {a.repeats} repeat(s), arms interleaved. Train s is the "
           "training loop alone (the record's `train_seconds`), wall s the whole command (start-up, data, "

@@ -12,7 +12,7 @@ Clients only ever talk to a front door (``serving.stack.front_door``, HTTP + gRP
 Also the closed-loop ``Load`` the scale-out tests drive: client threads sending real inputs through a front door,
 every answer compared with onnxruntime's on the exported graph.
 
-    python -m serving.scaleout_bench [cnn] [--duration 4] [--rounds 3] [--requests 300]
+    python -m bench.scaleout [cnn] [--duration 4] [--rounds 3] [--requests 300]
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import bench_parser
 from export.markdown import md_table, with_host_line
 from export.timing import percentiles
-from serving.cli import bench_parser, cli_error
+from serving.cli import cli_error
 
 PROTOCOLS = ("grpc", "http")
 
@@ -49,8 +50,8 @@ class Case:
 
 def reference_cases(model: str, n: int = 16, batch: int = 1, repo: Path | None = None, seed: int = 0) -> list[Case]:
     """``n`` requests of real test images, each with onnxruntime's answer on the exported graph of ``model``."""
+    from bench.common import example_inputs
     from export.runners import OnnxRuntimeRunner
-    from serving.bench import example_inputs
     from serving.repository import spec_for
     from training import layout
 
@@ -257,7 +258,7 @@ def throughput(model: str, envoy_grpc: str, direct_grpc: str, cases: list[Case],
                concurrency: int = 16) -> dict[str, Any]:
     """Concurrency ``concurrency`` over gRPC to the two front doors, alternating rounds: {path: {rps per round,
     mean, latency}}."""
-    from serving.bench import measure_callable
+    from bench.common import measure_callable
 
     out: dict[str, Any] = {"envoy": {"rounds": []}, "direct": {"rounds": []}}
     clients = {"envoy": _client(model, "grpc", envoy_grpc), "direct": _client(model, "grpc", direct_grpc)}
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.replicas import ReplicaSet
     from training import paths
 
-    p = bench_parser("python -m serving.scaleout_bench", __doc__, "seconds per throughput round", 3,
+    p = bench_parser("python -m bench.scaleout", __doc__, "seconds per throughput round", 3,
                      "alternating throughput rounds per path")
     p.add_argument("--requests", type=int, default=300, help="requests per path and protocol at concurrency 1")
     a, models = parse(p, argv)
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                "requests": a.requests,
                "checked": checked,
                "paths": {"direct": DIRECT, "envoy": THROUGH},
-               "command": " ".join(["python -m serving.scaleout_bench",
+               "command": " ".join(["python -m bench.scaleout",
                                      *(argv if argv is not None else sys.argv[1:])]),
                "loadavg_1m": {"start": load0, "end": os.getloadavg()[0]}}
         res["seconds"] = time.monotonic() - t0

@@ -1,7 +1,7 @@
-"""The zoo's measured claims: ``python -m training.studies NAME [--seeds 0 1 2]`` (``make study STUDY=NAME``).
+"""The zoo's measured claims: ``python -m bench.studies NAME [--seeds 0 1 2]`` (``make study STUDY=NAME``).
 
 Each study names its arms (specs trained with one recipe) and the paper's claims checked against the seed
-spread; see ``training.study``. Not part of ``make export``: a study trains many models.
+spread; see ``bench.study``. Not part of ``make export``: a study trains many models.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import argparse
 import dataclasses
 import sys
 
+from bench.study import Arm, Claim, Study, get_study, list_studies, register_study, run_study
 from training.registry import ModelSpec, get_spec, list_models
-from training.study import Arm, Claim, Study, get_study, list_studies, register_study, run_study
 
 GA_SUBSETS = {
     "1000": "E1 only: query-key content (Transformer)",
@@ -177,7 +177,7 @@ def two_level_study() -> Study:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.studies", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.studies", description=__doc__)
     p.add_argument("study", nargs="?", help="study name (omit to list them)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the study's)")
     a = p.parse_args(argv)

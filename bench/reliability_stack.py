@@ -105,6 +105,16 @@ def _proc_children(pid: int) -> list[int]:
     return out
 
 
+def stack_pids(stack: RunningStack) -> set[int]:
+    """The stack's process and all its descendants (tritonserver, its stubs, Envoy, ...)."""
+    found, todo = set(), [stack.proc.pid]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += [c for c in _proc_children(pid) if c not in found]
+    return found
+
+
 def triton_pid(stack: RunningStack) -> int | None:
     for pid in _proc_children(stack.proc.pid):
         with contextlib.suppress(OSError):

@@ -1,5 +1,5 @@
 """From scratch vs fine-tuned from the digits, at equal steps, on generated shape trees of several sizes
-(``python -m training.finetune_report``): reports/finetune.{md,json,png}.
+(``python -m bench.finetune``): reports/finetune.{md,json,png}.
 
 Each run is the documented command, ``python -m training FAMILY --data TREE --name NAME --steps N --seed S``
 with or without ``--init CHECKPOINT``, in its own process and user-model folder; the tree (training.sample_trees,
@@ -21,11 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from export.markdown import host_line
 from training import paths
-from training.fingerprint import isa_summary
 from training.sample_trees import write_folder_tree
-
-HOST_LINE_PREFIX = "Measured on: "  # the line export.markdown.host_line writes (training cannot import export)
 
 
 def run_one(tmp: Path, tree: Path, family: str, steps: int, seed: int, init: str | None) -> dict:
@@ -42,7 +40,7 @@ def run_one(tmp: Path, tree: Path, family: str, steps: int, seed: int, init: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.finetune_report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench.finetune", description=__doc__)
     ap.add_argument("--family", default="cnn")
     ap.add_argument("--init", default="cnn", help="the checkpoint to fine-tune from (a zoo name or a file)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 60], help="images per class in each tree")
@@ -93,8 +91,8 @@ def write(a: argparse.Namespace, runs: list[dict], out: Path) -> None:
             f"{f['accuracy']:.3f} | {f['accuracy'] - sc['accuracy']:+.3f} |"
             for s in summary for sc, f in s["pairs"]]
     md = [f"# Fine-tuning from the digits vs from scratch ({a.family})", "",
-          f"{HOST_LINE_PREFIX}{isa_summary()}.", "",
-          f"`python -m training.finetune_report` (runs already in reports/finetune.json are kept): each run is "
+          host_line(), "",
+          f"`python -m bench.finetune` (runs already in reports/finetune.json are kept): each run is "
           f"`python -m training {a.family} --data TREE --name NAME --steps N --seed S [--init {a.init}]` on a "
           "generated shape tree (training.sample_trees: 4 classes, RGB/grayscale/RGBA JPEG and PNG, 60-500 px, a "
           "fifth of each class held out) whose generator seed is the run's seed. Test accuracy on the tree's "

@@ -1,0 +1,56 @@
+"""The top-level ``bench`` package (issue #26): the runtime packages keep no benchmark, and ``python -m bench.int8``
+times the int8 graphs the gate recorded and merges the timings into the int8 report."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from serving.cli import COMMANDS
+from training import layout, paths
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = ("training", "export", "serving")
+
+
+def test_the_runtime_packages_never_name_bench_in_code():
+    """tests/test_imports.py walks the import statements; this also catches a module *name* that would be imported
+    by string (importlib, runpy, ``-m``) anywhere but the console script's table, which runs at the top."""
+    rx = re.compile(r"""["'](?:-m\s+)?bench\.\w+""")
+    found = [f"{p.relative_to(ROOT)}:{i}" for pkg in RUNTIME for p in sorted((ROOT / pkg).rglob("*.py"))
+             if p != ROOT / "serving" / "cli.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if rx.search(line)]
+    assert not found, f"runtime modules that name a bench module: {found}"
+    assert {c.module.split(".")[0] for c in COMMANDS.values()} <= {*RUNTIME, "bench"}
+
+
+def test_int8_bench_refuses_an_unknown_model_and_a_model_without_a_gate(tmp_path, monkeypatch, capsys):
+    from bench import int8
+
+    assert int8.main(["no_such_model"]) == 2
+    monkeypatch.setattr(paths, "REPORTS_DIR", tmp_path)
+    assert int8.main(["cnn"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: model 'cnn': no int8 gate recorded in ") and "python -m export.int8 cnn" in last
+    assert not (tmp_path / "int8.md").exists()
+
+
+def test_int8_bench_merges_its_timings_into_the_gate_report(tmp_path, monkeypatch):
+    from bench import int8
+
+    report = paths.REPORTS_DIR / "int8.json"
+    shipped = json.loads(report.read_text()) if report.is_file() else {}
+    if not layout.int8_onnx_path("cnn").is_file() or "gate" not in shipped.get("cnn", {}):
+        pytest.skip("cnn's int8 graph or gate is missing: run `make export` (int8 gate)")
+    gated = {k: v for k, v in shipped["cnn"].items() if k != "bench"}
+    monkeypatch.setattr(paths, "REPORTS_DIR", tmp_path)
+    (tmp_path / "int8.json").write_text(json.dumps({"cnn": gated}))
+    assert int8.main(["cnn", "--rounds", "2"]) == 0
+    merged = json.loads((tmp_path / "int8.json").read_text())["cnn"]
+    assert merged["gate"] == gated["gate"]  # the gate's entry is kept
+    b = merged["bench"]["batches"]
+    assert set(b) == {"1", "32"} and all(r["speedup"] > 0 for r in b.values())
+    assert f"{b['32']['speedup']:.2f}" in (tmp_path / "int8.md").read_text()
