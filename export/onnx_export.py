@@ -12,6 +12,8 @@ import onnx
 import torch
 
 from export.rewriters import translation_table
+from export.rewriters.fused_attention import applied as rewrites_applied
+from export.rewriters.fused_attention import plan as rewrite_plan
 from training.feeds import generated
 from training.registry import GraphSpec, ModelSpec
 
@@ -44,14 +46,15 @@ def export_onnx(spec: ModelSpec, model: torch.nn.Module, path: Path, custom_ops:
     module = (graph.module(model) if graph.module else model).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
+    rewrites, opset = rewrite_plan(spec.export.rewriters, module, spec.export.opset)
+    with warnings.catch_warnings(), torch.no_grad(), rewrites_applied(rewrites):
         warnings.simplefilter("ignore")  # the exporter is chatty about things that do not matter here
         try:
             program = torch.onnx.export(
                 module,
                 example_inputs(graph, side=spec.train.canvas),
                 dynamo=True,
-                opset_version=spec.export.opset,
+                opset_version=opset,
                 input_names=[t.name for t in graph.inputs],
                 output_names=[t.name for t in graph.outputs],
                 dynamic_shapes=_dynamic_shapes(graph),
@@ -116,7 +119,7 @@ def check_graph(path: Path, graph: GraphSpec, model: str = "") -> onnx.ModelProt
     except Exception as e:
         raise ExportError(f"ONNX check failed for {path} ({who}): {e}") from e
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if opset >= 20:
+    if opset >= 20 and any(n.op_type == "GridSample" for n in proto.graph.node):
         raise ExportError(f"{path}: opset {opset} makes TensorRT 10 sample GridSample nearest; use 17 or 18")
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
