@@ -185,8 +185,27 @@ class NetworkFromOnnxPath:
         if not parser.parse_from_file(str(self.path)):
             errors = [parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
             raise TensorRTParseError(parse_message(self.path, trt.__version__, errors, logger.errors()), errors)
+        allow_attention_decomposition(trt, network)
         return ParsedNetwork(trt, flavour, logger, builder, network, parser, self.path,
                              time.perf_counter() - start, self.strongly_typed)
+
+
+def allow_attention_decomposition(trt: Any, network: Any) -> int:
+    """Mark every parsed ONNX ``Attention`` (opset 23, export/rewriters/fused_attention.py) decomposable: TensorRT's
+    fused attention kernels cover some shapes and precisions only (fp32: none, measured with TensorRT-RTX 1.7:
+    "Attention operation was not supported by a dedicated kernel"), and a decomposable one is built from its
+    MatMul/Softmax parts where no kernel fits instead of failing the build. Returns how many were marked."""
+    kind = getattr(trt.LayerType, "ATTENTION_INPUT", None)
+    if kind is None:  # a TensorRT without the attention layer parses no Attention node either
+        return 0
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == kind:
+            layer.__class__ = trt.IAttentionInputLayer  # TensorRT's python API downcasts by class assignment
+            layer.attention.decomposable = True
+            marked += 1
+    return marked
 
 
 # --------------------------------------------------------------------------------------------- config
