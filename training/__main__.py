@@ -120,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --init fine-tunes a model for your images: it needs --data DIR (and --name NAME)",
               file=sys.stderr)
         return 2
+    clean = False
     try:
-        if a.data:
-            return _train_user_model(a)
-        return _train_zoo(a)
+        rc = _train_user_model(a) if a.data else _train_zoo(a)
+        clean = True
+        return rc
     finally:
         from training import distributed
 
-        distributed.shutdown()
+        distributed.shutdown(clean)
 
 
 def _train_zoo(a: argparse.Namespace) -> int:

@@ -424,6 +424,14 @@ def _write_trace(batches: ShardedBatches, ctx: Context) -> None:
         (Path(folder) / f"rank{ctx.rank}.json").write_text(json.dumps(out))
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others: one that tears down gloo
+    while its peer is still writing or printing can abort the peer's gloo thread ("terminate called without an
+    active exception", exit -6, seen once in CI on two_level's multi-stage run). After an error no rank waits
+    (its peers may never reach the barrier; torchrun stops them)."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if clean:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
