@@ -69,15 +69,9 @@ def cache_path(host: dict[str, Any] | None = None, root: Path | None = None) -> 
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib import metadata
+    from training.fingerprint import library_versions
 
-    out = {}
-    for pkg in ("onnxruntime", "openvino"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return library_versions(("onnxruntime", "openvino"))
 
 
 def _digest(files: dict[str, Path]) -> str:

@@ -21,7 +21,6 @@ root otherwise, so that a repository copied elsewhere is checked against its own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from training import layout, paths
+from training.checkpoints import file_sha256
+from training.fingerprint import library_versions
 
 SCHEMA = 1
 
@@ -44,21 +45,13 @@ def manifest_path(name: str, repo_dir: str | Path | None = None) -> Path:
     return layout.model_dir(name, repo_dir) / MANIFEST_FILE
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _entry(path: Path, repo: Path) -> dict[str, str]:
     """``{"file", "sha256"}`` with ``file`` relative to the repository when it is served from there."""
     path = Path(path).resolve()
     for base, tag in ((repo.resolve(), "repository"), (paths.REPO_ROOT, "project")):
         if path.is_relative_to(base):
-            return {"in": tag, "file": str(path.relative_to(base)), "sha256": sha256(path)}
-    return {"in": "absolute", "file": str(path), "sha256": sha256(path)}
+            return {"in": tag, "file": str(path.relative_to(base)), "sha256": file_sha256(path)}
+    return {"in": "absolute", "file": str(path), "sha256": file_sha256(path)}
 
 
 def resolve(entry: Mapping[str, str], repo_dir: str | Path | None = None) -> Path:
@@ -68,16 +61,6 @@ def resolve(entry: Mapping[str, str], repo_dir: str | Path | None = None) -> Pat
     return paths.REPO_ROOT / entry["file"] if entry["in"] == "project" else Path(entry["file"])
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for pkg in ("torch", "onnx", "onnxruntime", "openvino"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def load(name: str, repo_dir: str | Path | None = None) -> dict[str, Any] | None:
@@ -142,7 +125,7 @@ def write(spec: Any, graph_files: Mapping[str, Path], fp32_gate: Mapping[str, An
         "model": spec.name,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "weights": _entry(weights, repo) if weights.is_file() else None,
-        "versions": _versions(),
+        "versions": library_versions(("torch", "onnx", "onnxruntime", "openvino")),
         "opset": spec.export.opset,
         "graphs": {g.name: {"triton_model": spec.graph_model_name(g), "profile_batch": list(spec.export.profile_batch)}
                    for g in spec.deploy_graphs()},
@@ -165,7 +148,7 @@ def servable(data: Mapping[str, Any], variant: str, repo_dir: str | Path | None 
         p = resolve(e, repo_dir)
         if not p.is_file():
             return None
-        if sha256(p) != e["sha256"]:
+        if file_sha256(p) != e["sha256"]:
             raise ManifestError(f"model {data['model']!r}: {p} is not the {variant} graph that passed its gate at "
                                 f"export (sha256 differs); re-run `make export` (or `python -m export "
                                 f"{data['model']}`)")

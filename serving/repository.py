@@ -400,7 +400,7 @@ def write_model(spec: ModelSpec, target: str = "cpu", repo_dir: str | Path | Non
                 stale.unlink()
                 print(f"serving.repository: {stale.parent.name} not served (its gate or this host's measurement "
                       f"says so); removed its config.pbtxt", file=sys.stderr)
-        if int8:  # the int8 graph, served by the same generic backend under "<name>_int8"
+        else:  # the int8 graph, served by the same generic backend under "<name>_int8"
             cfg = graph_config(spec, d.graph, target)
             cfg.name = f"{d.triton_name}{INT8_SUFFIX}"
             if target == "cpu":
@@ -472,8 +472,10 @@ def write_stamp(root: Path, target: str, variant: str, choices: dict[str, dict[s
     old = read_stamp(root) or {}
     same = old.get("target") == target and old.get("variant") == variant
     served = {**(old.get("served", {}) if same else {}), **{n: ch["served"] for n, ch in choices.items()}}
-    stamp = {"generator": "serving.repository", "target": target, "variant": variant,
-             "isa_key": next(iter(choices.values()))["isa_key"] if choices else old.get("isa_key") if same else None,
+    isa_key = old.get("isa_key") if same else None  # a regeneration without choices keeps what it had
+    if choices:
+        isa_key = next(iter(choices.values()))["isa_key"]
+    stamp = {"generator": "serving.repository", "target": target, "variant": variant, "isa_key": isa_key,
              "host": host_fingerprint().get("cpu"), "served": served}
     path = root / STAMP_FILE
     write_text(path, json.dumps(stamp, indent=1, sort_keys=True) + "\n")

@@ -35,8 +35,13 @@ def record_path(name: str) -> Path:
     return weights_dir(name) / f"{name}.json"
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (graphs and engines can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(name: str, model: Any, record: dict[str, Any]) -> Path:

@@ -176,16 +176,22 @@ def isa_limits() -> dict[str, str]:
     return {k: os.environ[k] for k in ISA_LIMIT_VARS if os.environ.get(k)}
 
 
+def library_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    """Each installed package's version; None where it is not installed."""
+    out: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def host_fingerprint() -> dict[str, Any]:
     """What makes training bit-reproducible when it is equal: the CPU and the kernels torch picks on it (the
     dispatched instruction set, the CPU's kernel-selecting flags, any limit put on them), the thread count and
     the library versions."""
-    libs = {}
-    for pkg in ("torch", "numpy", "scikit-learn", "pillow", "onnxruntime"):
-        try:
-            libs[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            libs[pkg] = None
+    libs = library_versions(("torch", "numpy", "scikit-learn", "pillow", "onnxruntime"))
     import torch
 
     # The thread count too: the same code and seed trained with 1 intra-op thread instead of 2 gave other

@@ -7,7 +7,6 @@ mismatch is refused in one line before TensorRT is asked to deserialize anything
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 
 from export.tensorrt.library import EngineMismatchError, arch_name, normalize_cc
 from export.tensorrt.profiles import outside_profile
+from training.checkpoints import file_sha256 as sha256  # noqa: F401 (re-exported: the one implementation)
 
 METADATA_FORMAT = 1
 
@@ -101,14 +101,6 @@ def write_engine_info(info: EngineInfo, plan_path: str | Path | None = None) -> 
     path = metadata_path(plan_path or info.plan)
     path.write_text(info.to_json())
     return path
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_engine_compatible(

@@ -59,13 +59,9 @@ class TritonPythonModel:
             contract = Contract.from_parameters(params, self.name)
         except ContractError as e:
             raise pb_utils.TritonModelException(str(e)) from None
-        # {input: {per-sample axis: (min, max)}}: the dynamic axes' allowed sizes (the TensorRT profile's range)
-        self.bounds = contract.input_bounds
-        # Optional inputs a request may leave out ({name: default}) and integer inputs' allowed values.
-        self.defaults, self.ranges = contract.input_defaults, contract.input_ranges
-        self.rules = ModelRules.from_config(cfg, contract)  # the one validator's (client, front door, here)
-        self.in_specs = {i["name"]: (pb_utils.triton_string_to_numpy(i["data_type"]), [int(d) for d in i["dims"]])
-                         for i in cfg["input"]}
+        # Bounds of the dynamic axes, integer ranges and optional inputs' defaults: the one validator's rules
+        # (the client's and the front doors' too)
+        self.rules = ModelRules.from_config(cfg, contract)
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in cfg["output"]}
