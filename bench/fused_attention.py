@@ -47,7 +47,8 @@ def _first_line(e: BaseException) -> str:
 
 def fused_models() -> list[str]:
     """Registered models whose export the fused-attention rewrite changes (read from the spec and the modules)."""
-    from export.rewriters.fused_attention import FUSED_ATTENTION, REWRITES
+    from export.rewriters.fused_attention import FUSED_ATTENTION
+    from export.rewriters.registry import REWRITES
     from training.registry import create_model, get_spec, list_models
 
     return [n for n in list_models() if FUSED_ATTENTION in get_spec(n).export.rewriters

@@ -12,8 +12,8 @@ import onnx
 import torch
 
 from export.rewriters import translation_table
-from export.rewriters.fused_attention import applied as rewrites_applied
-from export.rewriters.fused_attention import plan as rewrite_plan
+from export.rewriters.registry import applied as rewrites_applied
+from export.rewriters.registry import plan as rewrite_plan
 from training.feeds import generated
 from training.registry import GraphSpec, ModelSpec
 

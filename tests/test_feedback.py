@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from export.rewriters.lean_feedback import LEAN_FEEDBACK, route_to_first_max, transposed_conv_as_conv
+from export.rewriters.registry import applied, plan
 from tests.conftest import require_checkpoint
 from training import get_spec, load_trained
 from training.data import make_split
@@ -27,6 +29,15 @@ def test_max_pool_routing_breaks_ties_like_pytorch(shape):
     g = torch.randn_like(y)
     (y * g).sum().backward()
     torch.testing.assert_close(route_max_pool_grad(g, x.detach()), x.grad, rtol=0, atol=0)
+    # the export rewrite's routing (upsampled window maxima, first maximum by a second pool): the same, exactly
+    torch.testing.assert_close(route_to_first_max(g, x.detach()), x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(route_to_first_max(g.float(), x.detach().float()), x.grad.float(), rtol=0, atol=0)
+
+
+def test_transposed_conv_as_conv():
+    w, g = torch.randn(8, 4, 3, 3, dtype=torch.float64), torch.randn(2, 8, 9, 12, dtype=torch.float64)
+    torch.testing.assert_close(transposed_conv_as_conv(g, w, padding=1), F.conv_transpose2d(g, w, padding=1),
+                               rtol=0, atol=1e-12)
 
 
 def _random_net(iters: int = 4, update: str = "binary") -> FeedbackCNN:
@@ -57,6 +68,26 @@ def test_unrolled_inference_equals_autograd_in_float64(update):
         assert any((z == 0).any() and (z == 1).any() for z in got["gates"])
         one_more = feedback_reference(net, x, target, iters=net.iters + 1, update=update)["gates"]
         assert all((z1 <= z).all() for z1, z in zip(one_more, got["gates"], strict=True))
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_lean_feedback_rewrite_equals_autograd_in_float64(update):
+    """The export-time rewrite of the top-down pass (export/rewriters/lean_feedback.py) computes the same inference,
+    at even and odd sizes, and is patched in only inside ``applied``."""
+    net = _random_net(update=update)
+    original = FeedbackCNN.top_down
+    assert plan(("fused_attention", LEAN_FEEDBACK), net, 18) == ((LEAN_FEEDBACK,), 18)
+    assert plan((LEAN_FEEDBACK,), get_spec("cnn").builder(), 18) == ((), 18)
+    for h, w in ((48, 56), (45, 51)):
+        x = torch.rand(3, 1, h, w, dtype=torch.float64)
+        target = torch.tensor([[-1], [3], [7]])
+        ref = feedback_reference(net, x, target, iters=net.iters, update=update)
+        with torch.no_grad(), applied((LEAN_FEEDBACK,)):
+            assert FeedbackCNN.top_down is not original
+            got = net.feedback(x, target)
+        for key in ("logits_first", "logits", "saliency", "gradient_saliency"):
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-12)
+    assert FeedbackCNN.top_down is original
 
 
 def test_unknown_update_is_named():

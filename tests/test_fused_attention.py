@@ -13,7 +13,8 @@ import onnx
 import pytest
 import torch
 
-from export.rewriters.fused_attention import FUSED_ATTENTION, REWRITES, plan
+from export.rewriters.fused_attention import FUSED_ATTENTION
+from export.rewriters.registry import REWRITES, plan
 from training import create_model, get_spec
 from training.models.generalized_attention import GeneralizedAttention
 from training.models.vit import Attention

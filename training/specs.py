@@ -175,10 +175,11 @@ class TrainRecipe:
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = 18  # 17/18 keep TensorRT's GridSample bilinear; 20 does not
-    # Export-time rewrites (export/rewriters, by name) this model's graphs may use; each applies only where the
-    # model holds a module it rewrites and raises that graph's opset to what it needs ("fused_attention": attention
-    # blocks as one ONNX ``Attention`` node, opset 23). () exports the model's own forward at ``opset``.
-    rewriters: tuple[str, ...] = ("fused_attention",)
+    # Export-time rewrites (export/rewriters/registry.py, by name) this model's graphs may use; each applies only
+    # where the model holds a module it rewrites and raises that graph's opset to what it needs. "fused_attention":
+    # attention blocks as one ONNX ``Attention`` node (opset 23); "lean_feedback": the Feedback CNN's top-down pass
+    # in cheaper ops. () exports the model's own forward at ``opset``.
+    rewriters: tuple[str, ...] = ("fused_attention", "lean_feedback")
     # Ops (ONNX op types) kept in fp32 in the FP16 graph, chosen by measurement.
     fp16_keep_fp32_ops: tuple[str, ...] = ()
     # TensorRT optimization profile of the batch axis (min, opt, max); other axes: each input's Dims.

@@ -12,18 +12,13 @@ centre query's in the generalized attention CNN), which a fused kernel does not 
 those weights by computing that single row written out (softmax of one query's logits: O(N) work next to the
 block's O(N^2)). The parity gate checks every output of the rewritten graph against the unrewritten torch model.
 
-The spec names the rewrites a model's export may use (``ExportOptions.rewriters``; every model by default); each
-applies where the model holds a module class it rewrites (never by model name) and raises that graph's opset to
-the one it needs (``plan``). The rewritten forward is used only while exporting, so the weights and their
-fingerprint (which hashes the model modules' code) do not change.
+Registered as ``fused_attention`` in ``export.rewriters.registry``, which patches these methods in only while
+exporting, where the model holds an attention block they rewrite.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +29,7 @@ from training.models.generalized_attention import GeneralizedAttention, relative
 from training.models.vit import Attention
 
 FUSED_ATTENTION = "fused_attention"
+_ORIGINAL_CENTRE_ATTENTION = GeneralizedAttention.centre_attention  # the unfusable blocks keep it
 MIN_OPSET = 23  # the first opset with the ``Attention`` op
 
 
@@ -126,7 +122,7 @@ def generalized_centre_attention(self: GeneralizedAttention, x_input: torch.Tens
     d + h_kv + w_kv), instead of a [n, heads, h*w, h_kv*w_kv] mask built by a broadcast Add (measured: the
     same speed at batch 32, 1.11x faster at batch 1)."""
     if not _fusable(self):
-        return _ORIGINAL[GeneralizedAttention, "centre_attention"](self, x_input)
+        return _ORIGINAL_CENTRE_ATTENTION(self, x_input)
     e3 = self.attention_type[2]
     heads, d = self.num_heads, self.qk_embed_dim
     x_kv = self.kv_downsample(x_input) if self.kv_downsample is not None else x_input
@@ -155,49 +151,6 @@ def generalized_centre_attention(self: GeneralizedAttention, x_input: torch.Tens
     return self.gamma * out + x_input, row.mean(dim=1).unflatten(1, (h_kv, w_kv)).unsqueeze(1)
 
 
-@dataclass(frozen=True)
-class Rewrite:
-    """Methods patched onto module classes while exporting, for the models holding such a module."""
-
-    patches: tuple[tuple[type, str, Callable], ...]  # (class, method, replacement)
-    applies: Callable[[nn.Module], bool]  # whether it changes this module's graph
-    min_opset: int
-
-
-def _holds_fusable_attention(module: nn.Module) -> bool:
+def holds_fusable_attention(module: nn.Module) -> bool:
     return any(isinstance(m, Attention) or (isinstance(m, GeneralizedAttention) and _fusable(m))
                for m in module.modules())
-
-
-REWRITES: dict[str, Rewrite] = {
-    FUSED_ATTENTION: Rewrite(((Attention, "forward", vit_attention_forward),
-                              (GeneralizedAttention, "centre_attention", generalized_centre_attention)),
-                             _holds_fusable_attention, MIN_OPSET),
-}
-_ORIGINAL: dict[tuple[type, str], Callable] = {
-    (cls, method): getattr(cls, method) for r in REWRITES.values() for cls, method, _ in r.patches
-}
-
-
-def plan(names: tuple[str, ...], module: nn.Module, opset: int) -> tuple[tuple[str, ...], int]:
-    """(the named rewrites that change ``module``'s graph, the opset the graph is exported at: the spec's,
-    raised to what those rewrites need)."""
-    unknown = [n for n in names if n not in REWRITES]
-    if unknown:
-        raise ValueError(f"unknown export rewriters {unknown}; known: {sorted(REWRITES)}")
-    active = tuple(n for n in names if REWRITES[n].applies(module))
-    return active, max([opset, *(REWRITES[n].min_opset for n in active)])
-
-
-@contextlib.contextmanager
-def applied(names: tuple[str, ...]) -> Iterator[None]:
-    """Patch the named rewrites onto their classes for the ``with`` body (an export), then restore them."""
-    patches = [p for n in names for p in REWRITES[n].patches]
-    try:
-        for cls, method, fn in patches:
-            setattr(cls, method, fn)
-        yield
-    finally:
-        for cls, method, _ in patches:
-            setattr(cls, method, _ORIGINAL[cls, method])
-
