@@ -19,11 +19,12 @@ class ServedSession:
     """One graph on one CPU engine, as the python backend runs it: ``run(output names, feeds) -> arrays``.
 
     onnxruntime as ``ort_session`` builds it; OpenVINO (``export.openvino_runner``) compiled once for the graph's
-    dynamic shapes, because a served model sees every batch size up to its maximum. A missing, corrupt or
-    uncompilable graph raises one line naming the file and the engine."""
+    dynamic shapes, or with ``batch_buckets`` per static shape, each batch padded up to its bucket (a served
+    model sees every batch size up to its maximum). A missing, corrupt or uncompilable graph raises one line
+    naming the file and the engine."""
 
     def __init__(self, path: Path | str, engine: str = "onnxruntime", threads: int | None = None, *,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, batch_buckets: tuple[int, ...] = ()) -> None:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
         self.engine = engine
@@ -32,7 +33,7 @@ class ServedSession:
             self.input_names = tuple(i.name for i in self._ort.get_inputs())
             self.output_names = tuple(o.name for o in self._ort.get_outputs())
         else:
-            self._ov = OpenVinoRunner(path, threads=threads, static=False)
+            self._ov = OpenVinoRunner(path, threads=threads, static=bool(batch_buckets), batch_buckets=batch_buckets)
             self.input_names, self.output_names = self._ov.input_names, self._ov.output_names
 
     def run(self, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:

@@ -92,9 +92,10 @@ def engines() -> list[str]:
 
 def settings(engine: str) -> list[str]:
     """Settings per engine, each exactly as the python backend would serve it: onnxruntime's intra-op spin-wait
-    off (the project's default) and on; OpenVINO compiled once for the graph's dynamic shapes (a served model
-    sees every batch size from 1 to its maximum, so per-shape static compiles would recompile under load)."""
-    return ["spin off", "spin on"] if engine == "onnxruntime" else ["dynamic"]
+    off (the project's default) and on; OpenVINO compiled once for the graph's dynamic shapes, or per static shape
+    with every batch padded up to a power-of-two bucket (a served model sees every batch size from 1 to its
+    maximum: buckets bound the compiles to a handful per input size)."""
+    return ["spin off", "spin on"] if engine == "onnxruntime" else ["dynamic", "static"]
 
 
 def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "spin off",
@@ -107,9 +108,11 @@ def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "s
     if engine == "onnxruntime":
         return deployed_runner(spec, files, threads=threads, spinning=setting == "spin on")
     if engine == "openvino":
-        from export.openvino_runner import openvino_deployed_runner
+        from export.openvino_runner import batch_buckets, openvino_deployed_runner
 
-        return openvino_deployed_runner(spec, files, threads=threads, static=setting == "static")
+        static = setting == "static"
+        return openvino_deployed_runner(spec, files, threads=threads, static=static,
+                                        batch_buckets=batch_buckets(spec.serving.max_batch_size) if static else ())
     raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
 
 
@@ -128,16 +131,17 @@ def _fail(why: str) -> dict[str, Any]:
     return {"passed": False, "why": why}
 
 
-def openvino_fp32_gate(spec: Any, files: dict[str, Path]) -> dict[str, Any]:
+def openvino_fp32_gate(spec: Any, files: dict[str, Path], setting: str = "dynamic") -> dict[str, Any]:
     """OpenVINO fp32 held to the very parity gate onnxruntime's fp32 passed at export: against the torch model on
-    real test images, every batch and input size of the spec's checks, the spec's per-output tolerance."""
+    real test images, every batch and input size of the spec's checks, the spec's per-output tolerance; per
+    setting, since static and dynamic shapes compile different kernels."""
     from export.openvino_runner import OpenVinoCompileError
     from export.parity import check_parity
     from training.checkpoints import load_trained
 
     try:
         r = check_parity(spec, load_trained(spec.name), files, raise_on_fail=False,
-                         runner=cpu_runner(spec, files, "openvino", settings("openvino")[0]))
+                         runner=cpu_runner(spec, files, "openvino", setting))
     except OpenVinoCompileError as e:
         return _fail(str(e))
     return {"passed": not r.failures, "why": "; ".join(r.failures[:3]), "max_abs": r.worst,
@@ -145,7 +149,7 @@ def openvino_fp32_gate(spec: Any, files: dict[str, Path]) -> dict[str, Any]:
 
 
 def int8_gate(spec: Any, files: dict[str, Path], engine: str, n: int = GATE_IMAGES,
-              reference: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+              reference: dict[str, np.ndarray] | None = None, setting: str = "spin off") -> dict[str, Any]:
     """The INT8 gate (agreement with the fp32 torch model, the task metric's drop) on ``engine``'s answers for
     the int8 graphs ``files``, run on this host (int8 kernels differ by instruction set: the recorded gate is
     another host's); a graph the engine cannot compile fails with its reason."""
@@ -156,7 +160,7 @@ def int8_gate(spec: Any, files: dict[str, Path], engine: str, n: int = GATE_IMAG
 
     feeds, data = test_split(spec, n)
     try:
-        runner = cpu_runner(spec, files, engine)
+        runner = cpu_runner(spec, files, engine, setting)
         ref = reference if reference is not None else reference_outputs(spec, load_trained(spec.name), feeds)
         r = measure(spec, ref, files, feeds, data, runner=runner)
     except OpenVinoCompileError as e:
@@ -187,22 +191,22 @@ def fp16_kernels(engine: str) -> bool:
 
 
 def gate(spec: Any, engine: str, variant: str, files: dict[str, Path], n: int = GATE_IMAGES,
-         reference: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Whether ``variant`` on ``engine`` may be served on this host: ``{"passed", "why", ...}``. ``reference``:
-    ``int8_reference(spec, n)``, computed once for every engine's int8 gate."""
+         reference: dict[str, np.ndarray] | None = None, setting: str = "spin off") -> dict[str, Any]:
+    """Whether ``variant`` on ``engine`` with ``setting`` may be served on this host: ``{"passed", "why", ...}``.
+    ``reference``: ``int8_reference(spec, n)``, computed once for every engine's int8 gate."""
     from export.variants import gates
 
     if variant == "fp16" and not fp16_kernels(engine):
         return _fail(f"{engine} has no fp16 kernels on this CPU (it would compute in fp32 between Casts)")
     if variant == "int8":
-        return int8_gate(spec, files, engine, n, reference)
+        return int8_gate(spec, files, engine, n, reference, setting)
     if engine == "onnxruntime":
         g = gates(spec.name)[variant]
         return {"passed": bool(g["passed"]), "why": g.get("why") or ("" if g["passed"] else "missed its gate "
                                                                       "(reports/parity|fp16|int8.json)"),
                 "agreement": g.get("agreement")}
     if variant == "fp32":
-        return openvino_fp32_gate(spec, files)
+        return openvino_fp32_gate(spec, files, setting)
     return _fail(f"no {variant} gate for {engine}")
 
 
@@ -280,8 +284,11 @@ def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGE
     reference = int8_reference(spec, gate_images) if "int8" in graphs else None
     for engine in engines():
         for variant, files in graphs.items():
-            g = gate(spec, engine, variant, files, gate_images, reference)
+            g = None
             for setting in settings(engine):
+                # onnxruntime's threading does not change its numbers (one gate); OpenVINO's shapes may (one each)
+                if g is None or engine != "onnxruntime":
+                    g = gate(spec, engine, variant, files, gate_images, reference, setting)
                 c = {"engine": engine, "variant": variant, "setting": setting, "passed": g["passed"],
                      "why": g.get("why", ""), "gate": g}
                 candidates.append(c)

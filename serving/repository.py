@@ -355,6 +355,8 @@ def _set_engine(cfg: Any, served: dict[str, Any] | None) -> None:
     if served is not None:
         cfg.parameters["engine"].string_value = served["engine"]
         cfg.parameters["allow_spinning"].string_value = "1" if served["setting"] == "spin on" else "0"
+        if served["setting"] in ("static", "dynamic"):  # OpenVINO's shapes (export.host_choice.settings)
+            cfg.parameters["shapes"].string_value = served["setting"]
         if served.get("instances"):  # chosen by served measurement on this host (bench.served_threads)
             cfg.instance_group[0].count = served["instances"]
 

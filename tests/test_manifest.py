@@ -67,14 +67,16 @@ def test_int8_is_served_only_where_the_manifest_and_this_hosts_choice_say_so(rep
     int8.parent.mkdir(parents=True)
     shutil.copyfile(layout.onnx_path(MODEL, repo), int8)  # stands in for the int8 graph: only files are read
     manifest.set_variant(MODEL, "int8", {MODEL: int8}, {"passed": True}, repo_dir=repo)
-    fp32 = {"engine": "openvino", "setting": "dynamic", "instances": 2}
     spec = get_spec(MODEL)
-    for served_int8 in ({"engine": "onnxruntime", "setting": "spin on", "instances": None}, None):
+    for shapes, served_int8 in (("dynamic", {"engine": "onnxruntime", "setting": "spin on", "instances": None}),
+                                ("static", None)):
+        fp32 = {"engine": "openvino", "setting": shapes, "instances": 2}
         choice = {"isa_key": "test-isa", "served": {"fp32": fp32, "int8": served_int8}}
         rep.write_model(spec, "cpu", repo, choice=choice)
         cfg = rep.parse_config(layout.config_path(MODEL, repo).read_text())
         assert cfg.parameters["engine"].string_value == "openvino"
         assert cfg.parameters["allow_spinning"].string_value == "0"
+        assert cfg.parameters["shapes"].string_value == shapes  # OpenVINO per batch bucket, or compiled dynamic
         assert cfg.instance_group[0].count == 2
         int8_cfg = layout.config_path(MODEL + layout.INT8_SUFFIX, repo)
         if served_int8:

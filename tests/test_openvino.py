@@ -9,7 +9,7 @@ import pytest
 
 from export.compare import Tolerance, compare, spec_tolerance
 from export.host_choice import cpu_runner, int8_gate, int8_reference
-from export.openvino_runner import OpenVinoCompileError, OpenVinoRunner
+from export.openvino_runner import OpenVinoCompileError, OpenVinoRunner, batch_buckets
 from export.runners import infer_batched
 from export.variants import variant_graphs
 from training import layout
@@ -48,6 +48,22 @@ def test_dynamic_shapes_compile_once_and_match_static() -> None:
         x = {"image": np.ascontiguousarray(np.resize(feeds["image"], (4, 1, side, side)))}
         np.testing.assert_allclose(dynamic.infer(x)["logits"], static.infer(x)["logits"], atol=1e-4)
     assert static.compiled_shapes == 2 and dynamic.compiled_shapes == 1
+
+
+def test_batch_buckets_pad_and_cut_back() -> None:
+    """Static shapes per batch bucket: a batch of 3 runs as 4 (the last sample repeated) and comes back as 3 with
+    the answers of the dynamic-shape model; each bucket compiles once; past the largest bucket the exact size."""
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64) and batch_buckets(48)[-2:] == (32, 48)
+    assert batch_buckets(1) == (1,)
+    path = layout.onnx_path("cnn")
+    feeds = sample_feeds(get_spec("cnn"), 9, 64)
+    dynamic, bucketed = OpenVinoRunner(path, static=False), OpenVinoRunner(path, batch_buckets=(1, 2, 4, 8))
+    for b in (3, 4, 1, 5, 9, 3):
+        x = {"image": feeds["image"][:b]}
+        got = bucketed.infer(x)["logits"]
+        assert got.shape[0] == b
+        np.testing.assert_allclose(got, dynamic.infer(x)["logits"], atol=1e-4)
+    assert bucketed.compiled_shapes == 4  # buckets 4, 1 and 8, and 9 as itself
 
 
 def test_bad_files_are_one_line_errors(tmp_path) -> None:
@@ -98,8 +114,9 @@ def test_int8_gate_judges_openvino_answers(name: str) -> None:
 @pytest.mark.server
 def test_served_on_openvino_through_the_python_backend(tmp_path) -> None:
     """A config that names ``engine: openvino`` (as the host choice writes it) is served by OpenVINO inside
-    Triton's python backend: answers equal OpenVINO's in process, within the fp32 parity bound of torch, at two
-    batch sizes and two input sizes; a bad engine name fails the model's load naming it."""
+    Triton's python backend, with dynamic shapes and with static shapes per batch bucket: answers equal OpenVINO's
+    in process, within the fp32 parity bound of torch, at three batch sizes (3: padded to bucket 4) and two input
+    sizes; a bad engine name fails the model's load naming it."""
     import shutil
 
     from export.runners import TorchRunner
@@ -117,25 +134,34 @@ def test_served_on_openvino_through_the_python_backend(tmp_path) -> None:
     shutil.copyfile(layout.onnx_path(name), dst)
     choice = {"isa_key": "test", "served": {"fp32": {"engine": "openvino", "setting": "dynamic", "instances": 1}}}
     rep.write_model(spec, "cpu", tmp_path, choice=choice)
-    bad = rep.parse_config(layout.config_path(name, tmp_path).read_text())
-    bad.name = f"{name}_bad_engine"
-    bad.parameters["engine"].string_value = "tensorflow"
-    (layout.version_dir(bad.name, tmp_path)).mkdir(parents=True)
-    shutil.copyfile(dst, layout.onnx_path(bad.name, tmp_path))
-    shutil.copyfile(rep.BACKEND_MODEL_PY, layout.version_dir(bad.name, tmp_path) / layout.BACKEND_FILE)
-    rep.write_text(layout.config_path(bad.name, tmp_path), rep.config_text(bad))
-    local = OpenVinoRunner(dst, static=False)
+
+    def variant(suffix: str, **params: str) -> str:
+        cfg = rep.parse_config(layout.config_path(name, tmp_path).read_text())
+        cfg.name = f"{name}_{suffix}"
+        for k, v in params.items():
+            cfg.parameters[k].string_value = v
+        layout.version_dir(cfg.name, tmp_path).mkdir(parents=True)
+        shutil.copyfile(dst, layout.onnx_path(cfg.name, tmp_path))
+        shutil.copyfile(rep.BACKEND_MODEL_PY, layout.version_dir(cfg.name, tmp_path) / layout.BACKEND_FILE)
+        rep.write_text(layout.config_path(cfg.name, tmp_path), rep.config_text(cfg))
+        return cfg.name
+
+    bad, static = variant("bad_engine", engine="tensorflow"), variant("static", shapes="static")
+    local = {name: OpenVinoRunner(dst, static=False),
+             static: OpenVinoRunner(dst, batch_buckets=batch_buckets(spec.serving.max_batch_size))}
     torch_ref = TorchRunner.for_spec(spec, load_trained(name))
     http, grpc, metrics = free_ports(3)
-    with TritonServer(tmp_path, [name, bad.name], http_port=http, grpc_port=grpc, metrics_port=metrics) as srv:
-        assert "unknown engine 'tensorflow'" in srv.load_errors.get(bad.name, ""), srv.load_errors
-        client = Client(name, "grpc", srv.grpc_url)
-        for side in spec.checks.parity_sides:
-            feeds = sample_feeds(spec, 8, side)
-            for b in (1, 8):
-                x = {k: v[:b] for k, v in feeds.items()}
-                got = client.infer(x)
-                same = compare(local.infer(x), got, spec.outputs, Tolerance(1e-5, 1.0))
-                assert same.ok, same.failures
-                c = compare(torch_ref.infer(x), got, spec.outputs, spec_tolerance(spec), where=f"b{b} {side}px")
-                assert c.ok, c.failures
+    with TritonServer(tmp_path, [name, bad, static], http_port=http, grpc_port=grpc, metrics_port=metrics) as srv:
+        assert "unknown engine 'tensorflow'" in srv.load_errors.get(bad, ""), srv.load_errors
+        for served, runner in local.items():
+            client = Client(served, "grpc", srv.grpc_url)
+            for side in spec.checks.parity_sides:
+                feeds = sample_feeds(spec, 8, side)
+                for b in (1, 3, 8):
+                    x = {k: v[:b] for k, v in feeds.items()}
+                    got = client.infer(x)
+                    same = compare(runner.infer(x), got, spec.outputs, Tolerance(1e-5, 1.0), where=served)
+                    assert same.ok, same.failures
+                    c = compare(torch_ref.infer(x), got, spec.outputs, spec_tolerance(spec),
+                                where=f"{served} b{b} {side}px")
+                    assert c.ok, c.failures

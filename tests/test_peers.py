@@ -17,17 +17,25 @@ from training.registry import get_spec
 @pytest.mark.skipif("fp32" not in variant_graphs(get_spec("cnn")), reason="cnn not exported: run `make export`")
 def test_peer_table_native_and_emulated_avx2(tmp_path) -> None:
     out = tmp_path / "peers.json"
-    assert peers.main(["cnn", "--batches", "2", "--rounds", "2", "--no-compile", "--emulate-avx2",
+    assert peers.main(["cnn", "--batches", "2", "--rounds", "2", "--runs", "2", "--no-compile", "--emulate-avx2",
                        "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     native, emulated = data["sections"][isa_key()], next(s for k, s in data["sections"].items() if k != isa_key())
     assert "held by ATEN_CPU_CAPABILITY=avx2" in emulated["host"] and "AVX2" in emulated["host"]
     for s in (native, emulated):
-        row = s["models"]["cnn"]["batches"]["2"]
-        assert {"onnxruntime", "onnxruntime spin on", "openvino", "torch eager"} <= set(row["latency"])
-        assert row["ratio"]["onnxruntime"] == pytest.approx(1.0)
+        m = s["models"]["cnn"]
+        assert len(m["runs"]) == 2 and m["served"]["engine"] in ("onnxruntime", "openvino")
+        row = m["runs"][-1]["batches"]["2"]
+        assert {"served", "onnxruntime", "openvino", "torch eager"} <= set(row["latency"])
+        assert row["ratio"]["served"] == pytest.approx(1.0)
         assert all(v > 0 for v in row["ratio"].values())
+        v = m["verdict"]["2"]  # served / OpenVINO (torch.compile not run), per run and their median
+        ov = [r["batches"]["2"]["latency"]["served"]["p50"] / r["batches"]["2"]["latency"]["openvino"]["p50"]
+              for r in m["runs"]]
+        assert v["ratios"] == pytest.approx(ov) and v["median"] == pytest.approx(sum(ov) / 2)
+        assert v["within_noise"] == (v["median"] <= peers.NOISE)
         assert len(s["loadavg"]) == 3
     md = out.with_suffix(".md").read_text()
     assert md.splitlines()[2].startswith(HOST_LINE_PREFIX)
     assert "load average" in md and "torch.compile: not run (--no-compile)" in md
+    assert "Served no slower than the faster of OpenVINO and torch.compile" in md

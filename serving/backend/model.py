@@ -22,6 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from export.cpu_engines import ServedSession
+from export.openvino_runner import batch_buckets
 from export.runtime import intra_op_threads
 from serving.contract import Contract, ContractError
 from serving.validation import InputError, ModelRules, check_arrays, with_defaults
@@ -49,9 +50,12 @@ class TritonPythonModel:
         threads = intra_op_threads(int(params.get("intra_op_threads") or 0), instances)
         # The CPU engine and its threading, as chosen for this host by measurement (export.host_choice; written
         # into the config by serving.repository): onnxruntime by default, OpenVINO where it measured faster.
+        # OpenVINO with static shapes compiles one shape per batch bucket (powers of two up to max_batch_size).
         engine = params.get("engine") or "onnxruntime"
+        buckets = batch_buckets(int(cfg.get("max_batch_size") or 1)) if params.get("shapes") == "static" else ()
         try:
-            self.session = ServedSession(path, engine, threads, spinning=params.get("allow_spinning") == "1")
+            self.session = ServedSession(path, engine, threads, spinning=params.get("allow_spinning") == "1",
+                                         batch_buckets=buckets)
         except Exception as e:  # the engines raise their own types for corrupt/unreadable graphs
             raise pb_utils.TritonModelException(
                 f"model '{self.name}': cannot load ONNX file {path} on {engine} ({e})") from None
