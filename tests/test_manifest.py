@@ -11,6 +11,7 @@ import pytest
 
 from export import manifest
 from export.host_choice import pick_variant
+from export.openvino_runner import batch_buckets
 from serving import repository as rep
 from tests.conftest import require_onnx
 from training import layout
@@ -77,6 +78,10 @@ def test_int8_is_served_only_where_the_manifest_and_this_hosts_choice_say_so(rep
         assert cfg.parameters["engine"].string_value == "openvino"
         assert cfg.parameters["allow_spinning"].string_value == "0"
         assert cfg.parameters["shapes"].string_value == shapes  # OpenVINO per batch bucket, or compiled dynamic
+        # static: Triton warms every bucket at load (zeros, the inputs' opt sizes), so no such request compiles
+        warm = [(w.batch_size, list(w.inputs["image"].dims)) for w in cfg.model_warmup]
+        assert [b for b, _ in warm] == (list(batch_buckets(cfg.max_batch_size)) if shapes == "static" else [1, 32])
+        assert all(dims == [1, 64, 64] for _, dims in warm)
         assert cfg.instance_group[0].count == 2
         int8_cfg = layout.config_path(MODEL + layout.INT8_SUFFIX, repo)
         if served_int8:
