@@ -56,6 +56,12 @@ repository: $(STAMP)
 served-threads: $(STAMP)
 	$(PY) -m bench.served_threads
 
+# Each model's served config (engine, shapes, spin-wait, instances) against the default, served side by side
+# (reports/served_engine.md).
+.PHONY: served-engine
+served-engine: $(STAMP)
+	$(PY) -m bench.served_engine
+
 engines: $(STAMP)
 	$(ATTNZOO) engines $(MODELS) --archs $(ARCHS)
 
@@ -112,11 +118,13 @@ bench: $(STAMP)
 bench-images: $(STAMP)
 	$(ATTNZOO) bench-images $(if $(filter-out all,$(MODELS)),$(MODELS),cnn)
 
-bench-export: $(STAMP)
+# onnxruntime vs torch eager with a per-op profile (reports/ort_vs_torch.md), then the peer table below.
+bench-export: $(STAMP) bench-peers
 	$(ATTNZOO) bench-export $(MODELS)
 
-# onnxruntime vs OpenVINO, torch eager and torch.compile, batch 1 and 32, one section per host ISA
-# (reports/peers.{md,json}); EMULATE_AVX2=1 adds a run held to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA).
+# The served engine (this host's choice) vs OpenVINO static, torch eager and torch.compile, batch 1 and 32, two runs,
+# a verdict per model, one section per host ISA (reports/peers.{md,json}); EMULATE_AVX2=1 adds a run held to AVX2
+# (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA).
 .PHONY: bench-peers host-choice
 bench-peers: $(STAMP)
 	$(PY) -m bench.peers $(MODELS) $(if $(EMULATE_AVX2),--emulate-avx2)

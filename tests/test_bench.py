@@ -1,5 +1,6 @@
-"""The top-level ``bench`` package (issue #26): the runtime packages keep no benchmark, and ``python -m bench.int8``
-times the int8 graphs the gate recorded and merges the timings into the int8 report."""
+"""The top-level ``bench`` package (issue #26): the runtime packages keep no benchmark, ``python -m bench.int8``
+times the int8 graphs the gate recorded and merges the timings into the int8 report, and ``bench.served_engine``
+serves the repository's config beside the default."""
 
 from __future__ import annotations
 
@@ -54,3 +55,22 @@ def test_int8_bench_merges_its_timings_into_the_gate_report(tmp_path, monkeypatc
     b = merged["bench"]["batches"]
     assert set(b) == {"1", "32"} and all(r["speedup"] > 0 for r in b.values())
     assert f"{b['32']['speedup']:.2f}" in (tmp_path / "int8.md").read_text()
+
+
+def test_served_engine_pairs_the_served_config_with_the_default(tmp_path):
+    """bench.served_engine loads, on one graph, the repository's config as served and the generator's default
+    (onnxruntime, spin-wait off, one instance, no OpenVINO shapes)."""
+    from bench.served_engine import write_pair
+    from serving.repository import parse_config
+    from tests.conftest import require_onnx
+
+    require_onnx("cnn")
+    pair = write_pair("cnn", tmp_path)
+    assert pair == {"default": "cnn__default", "served": "cnn__served"}
+    default = parse_config(layout.config_path(pair["default"], tmp_path).read_text())
+    served = parse_config(layout.config_path(pair["served"], tmp_path).read_text())
+    as_served = parse_config(layout.config_path("cnn").read_text())
+    assert not {"allow_spinning", "engine", "shapes"} & set(default.parameters)  # the backend's defaults
+    assert served.parameters == as_served.parameters and served.model_warmup == as_served.model_warmup
+    for name in pair.values():
+        assert layout.onnx_path(name, tmp_path).resolve() == layout.onnx_path("cnn").resolve()

@@ -29,9 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.feedback import FeedbackCNN, _bn_scale
+from training.models.feedback import FeedbackCNN
 
 LEAN_FEEDBACK = "lean_feedback"
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """d bn(c) / dc in eval mode, per channel [1, C, 1, 1] (the model's own helper is private to it)."""
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps))[None, :, None, None]
 
 
 def transposed_conv_as_conv(g: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
@@ -66,7 +71,7 @@ def lean_top_down(self: FeedbackCNN, k_row: torch.Tensor, inputs: list[torch.Ten
     for i in reversed(range(self.depth)):
         dz[i] = g * relu[i]
         dr = g if gates is None else g * gates[i]
-        dc = dr * (pre[i] > 0).to(dr.dtype) * _bn_scale(self.bns[i])
+        dc = dr * (pre[i] > 0).to(dr.dtype) * bn_scale(self.bns[i])
         if i == 0 and not to_input:
             break
         d_in = transposed_conv_as_conv(dc, self.convs[i].weight, padding=1)
