@@ -4,7 +4,8 @@ Per model at batch 1 and 32, on the same graphs and images: the engine this host
 fp32 choice: onnxruntime or OpenVINO with its threading setting, ``export.host_choice``), onnxruntime as the
 project configures it without a choice (spin-wait off), OpenVINO with static shapes (``export.openvino_runner``:
 LATENCY hint, f32, compiled per shape), torch eager and torch.compile (inductor, static shapes). All are
-interleaved per round (each timed call after an untimed one: ``export.host_choice.settled_interleaved``), p50/p95/p99
+interleaved per round in a shuffled order (each timed call after an untimed one, and a 50 ms pause after each
+torch call, whose OpenMP threads otherwise slow whatever runs next: ``export.timing.interleaved``), p50/p95/p99
 per call, and the ratio served p50 / peer p50 (above 1: the peer is faster). ``--runs`` repeats the whole set; the
 verdict per model and batch is the median over runs of served / the faster of OpenVINO and torch.compile, held to
 ``NOISE`` (1.05). The host's instruction set heads each section, with the load average, since these 2-core hosts
@@ -45,6 +46,7 @@ BASE = "served"
 PEERS = ("served", "onnxruntime", "openvino", "torch eager", "torch.compile")
 RIVALS = ("openvino", "torch.compile")  # the bar: served no slower than the faster of these
 NOISE = 1.05
+TORCH_IDLE_S = 0.05  # untimed pause after each torch call: its OpenMP threads slow the next runner (export.timing)
 COMPILE_BUDGET_S = 180.0  # torch.compile's first call per shape; past this the next shape is not compiled
 EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -156,7 +158,8 @@ def bench_model(name: str, batches: tuple[int, ...] = BATCHES, rounds: int = ROU
         per_round = 2 * _warm_call_s(these, x, notes, b)  # settled: two calls per runner per round
         n = max(MIN_ROUNDS, min(rounds, int(ROUND_BUDGET_S / max(per_round, 1e-9))))
         out["rounds"][str(b)] = n
-        stats = settled_interleaved(these, x, n, progress=bar)
+        stats = settled_interleaved(these, x, n, progress=bar,
+                                    idle_after={k: TORCH_IDLE_S for k in these if k.startswith("torch")})
         bar.update(rounds - n)
         base = stats[BASE]["p50"]
         out["batches"][str(b)] = {"latency": stats, "ratio": {k: base / s["p50"] for k, s in stats.items()}}

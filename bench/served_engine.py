@@ -123,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     names = model_names(a.models) if a.models else changed_models()
+    if names is None:  # an unknown model name (model_names said which)
+        return 2
     if not names:
-        print("nothing to compare: every model is served with the default config", file=sys.stderr)
-        return 0 if names is not None else 2
+        print("nothing to compare: every single-graph model is served with the default config", file=sys.stderr)
+        return 0
     try:
         run(names, a.duration, a.rounds, paths.REPORTS_DIR)
     except Exception as e:

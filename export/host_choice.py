@@ -117,11 +117,12 @@ def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "s
 
 
 def settled_interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = ROUNDS,
-                        warmup: int = 2, progress: Any = None) -> dict[str, dict[str, float]]:
+                        warmup: int = 2, progress: Any = None, idle_after: dict[str, float] | None = None
+                        ) -> dict[str, dict[str, float]]:
     """``export.timing.interleaved`` with every timed call settled (spinning engines are among the candidates)."""
     from export.timing import interleaved
 
-    return interleaved(runners, feeds, rounds, warmup, settle=True, progress=progress)
+    return interleaved(runners, feeds, rounds, warmup, settle=True, progress=progress, idle_after=idle_after)
 
 
 # ---------------------------------------------------------------- gates

@@ -26,21 +26,33 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 
 def interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = 40, warmup: int = 3, *,
-                settle: bool = False, progress: Any = None) -> dict[str, dict[str, float]]:
-    """Runner name -> p50/p95/p99/mean ms per ``infer(feeds)`` call, all runners interleaved per round. ``settle``:
+                settle: bool = False, progress: Any = None, idle_after: dict[str, float] | None = None
+                ) -> dict[str, dict[str, float]]:
+    """Runner name -> p50/p95/p99/mean ms per ``infer(feeds)`` call, all runners interleaved per round (in a
+    shuffled order). ``settle``:
     every timed call follows an untimed one on the same runner (a spinning onnxruntime pool keeps burning cores just
-    after its run, which the next runner would pay for). ``progress``: a tqdm bar advanced once per round."""
+    after its run, which the next runner would pay for). ``progress``: a tqdm bar advanced once per round.
+    ``idle_after``: seconds to sleep, untimed, after a named runner's timed call, for runners whose threads keep
+    the cores busy after they return (torch's OpenMP pool: measured, an identical onnxruntime session 1.3x slower
+    when it always followed torch.compile, and within 1.05x with a 50 ms pause after each torch call)."""
     for _ in range(warmup):
         for r in runners.values():
             r.infer(feeds)
     times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners.items())
+    rng = np.random.default_rng(0)
     for _ in range(rounds):
-        for key, r in runners.items():
+        # a fresh order each round (seeded), so no runner always follows the same one: a runner may pay for what
+        # the one before leaves behind (see ``idle_after``)
+        for j in rng.permutation(len(order)):
+            key, r = order[j]
             if settle:
                 r.infer(feeds)
             t0 = time.perf_counter()
             r.infer(feeds)
             times[key].append((time.perf_counter() - t0) * 1e3)
+            if idle_after and key in idle_after:
+                time.sleep(idle_after[key])
         if progress is not None:
             progress.update(1)
     return {k: percentiles(v) for k, v in times.items()}
