@@ -58,10 +58,9 @@ def _first_line(e: BaseException) -> str:
 def served_choice(name: str) -> dict[str, str]:
     """The fp32 engine and setting the repository serves ``name`` with (its stamp), else the project default."""
     from export.host_choice import DEFAULT
-    from serving.repository import read_stamp
+    from serving.repository import stamped_choices
 
-    stamp = read_stamp() or {}
-    fp32 = ((stamp.get("served") or {}).get(name) or {}).get("fp32") or {}
+    fp32 = (stamped_choices().get(name) or {}).get("fp32") or {}
     if "engine" in fp32:
         return {"engine": fp32["engine"], "setting": fp32.get("setting", "spin off"), "from": "repository stamp"}
     return {"engine": DEFAULT[0], "setting": DEFAULT[2], "from": "default (no stamped choice)"}

@@ -29,18 +29,19 @@ from serving.cli import cli_error
 DEFAULT, SERVED = "default", "served"
 
 
+def served_fp32(choices: dict[str, Any], name: str) -> tuple[str, str, int]:
+    """(engine, setting, instances) of ``name``'s fp32 model in the stamp's ``choices``."""
+    fp32 = (choices.get(name) or {}).get("fp32") or {}
+    return fp32.get("engine", "?"), fp32.get("setting", "?"), fp32.get("instances") or 1
+
+
 def changed_models() -> list[str]:
     """Single-graph models whose stamped fp32 config is not onnxruntime with spin-wait off and one instance."""
-    from serving.repository import read_stamp, spec_for
+    from serving.repository import spec_for, stamped_choices
 
-    out = []
-    for name, v in ((read_stamp() or {}).get("served") or {}).items():
-        fp32 = (v or {}).get("fp32") or {}
-        served = (fp32.get("engine"), fp32.get("setting"), fp32.get("instances") or 1)
-        changed = served != ("onnxruntime", "spin off", 1)
-        if changed and spec_for(name).composition is None:
-            out.append(name)
-    return out
+    choices = stamped_choices()
+    return [n for n in choices if served_fp32(choices, n) != ("onnxruntime", "spin off", 1)
+            and spec_for(n).composition is None]
 
 
 def write_pair(name: str, root: Path) -> dict[str, str]:
@@ -61,13 +62,6 @@ def write_pair(name: str, root: Path) -> dict[str, str]:
         layout.config_path(cfg.name, root).write_text(config_text(cfg))
         out[setting] = cfg.name
     return out
-
-
-def describe(name: str) -> str:
-    from serving.repository import read_stamp
-
-    fp32 = ((read_stamp() or {}).get("served") or {}).get(name, {}).get("fp32") or {}
-    return f"{fp32.get('engine', '?')} {fp32.get('setting', '?')} x{fp32.get('instances') or 1}"
 
 
 def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -91,8 +85,10 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
 def run(models: list[str], duration: float, rounds: int, out_dir: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from serving.repository import stamped_choices
     from serving.server import TritonServer, free_ports
 
+    choices = stamped_choices()
     loadavg = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results = {}
     for m in tqdm(models, desc="served engine"):
@@ -103,7 +99,9 @@ def run(models: list[str], duration: float, rounds: int, out_dir: Path) -> dict[
             with TritonServer(root, list(pair.values()), http_port=http, grpc_port=grpc, metrics_port=metrics,
                               require_all=True) as server:
                 print(f"{m}:", file=sys.stderr)
-                results[m] = {**bench_model(server, m, pair, duration, rounds), "served_as": describe(m)}
+                engine, setting, instances = served_fp32(choices, m)
+                results[m] = {**bench_model(server, m, pair, duration, rounds),
+                              "served_as": f"{engine} {setting} x{instances}"}
         finally:
             shutil.rmtree(root, ignore_errors=True)
     meta = {"duration": duration, "rounds": rounds, "loadavg": loadavg}

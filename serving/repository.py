@@ -512,6 +512,12 @@ def read_stamp(repo_dir: str | Path | None = None) -> dict[str, Any] | None:
         raise RepositoryError(f"{path}: not JSON ({e})") from None
 
 
+def stamped_choices(repo_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Per model, what the stamp says each variant is served with (``{"fp32": {engine, setting, instances, ...},
+    "int8": ... or None}``); {} for an unstamped repository."""
+    return (read_stamp(repo_dir) or {}).get("served") or {}
+
+
 def served_models(repo_dir: str | Path | None = None) -> list[str]:
     """Model directories that have a config.pbtxt (what the server loads)."""
     root = layout.repository_root(repo_dir)
