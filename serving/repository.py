@@ -352,7 +352,7 @@ def _serve_variant(spec: ModelSpec, d: Deployable, cfg: Any, variant: str, root:
 
 def _set_engine(cfg: Any, served: dict[str, Any] | None) -> None:
     """The CPU engine and threading the host choice measured fastest for this model (python backend only). With
-    OpenVINO's static shapes, Triton warms every batch bucket when it loads the model, so the compiles (0.25-0.8 s
+    OpenVINO's static shapes, Triton warms every batch bucket when it loads the model, so the compiles (0.24-0.83 s
     each, measured) happen at load instead of on a user's first request of that size (at the warm-up's sizes)."""
     if served is not None:
         cfg.parameters["engine"].string_value = served["engine"]
