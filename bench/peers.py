@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from export.host_choice import served_label
 from training import paths
 from training.cli import model_names
 
@@ -55,15 +56,18 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def served_choice(name: str) -> dict[str, str]:
-    """The fp32 engine and setting the repository serves ``name`` with (its stamp), else the project default."""
+def served_choice(name: str) -> dict[str, Any]:
+    """The fp32 engine, setting and any routes by batch size the repository serves ``name`` with (its stamp),
+    else the project default; ``label`` names it (``export.host_choice.served_label``)."""
     from export.host_choice import DEFAULT
     from serving.repository import stamped_choices
 
     fp32 = (stamped_choices().get(name) or {}).get("fp32") or {}
     if "engine" in fp32:
-        return {"engine": fp32["engine"], "setting": fp32.get("setting", "spin off"), "from": "repository stamp"}
-    return {"engine": DEFAULT[0], "setting": DEFAULT[2], "from": "default (no stamped choice)"}
+        choice = {k: fp32[k] for k in ("engine", "setting", "routes") if k in fp32} | {"from": "repository stamp"}
+    else:
+        choice = {"engine": DEFAULT[0], "setting": DEFAULT[2], "from": "default (no stamped choice)"}
+    return choice | {"label": served_label(choice)}
 
 
 def runners_for(name: str, compile_: bool = True) -> tuple[dict[str, Any], dict[str, str], Any, dict[str, str]]:
@@ -71,7 +75,7 @@ def runners_for(name: str, compile_: bool = True) -> tuple[dict[str, Any], dict[
     peers left out and why, the torch model, and the served choice."""
     import torch
 
-    from export.host_choice import cpu_runner
+    from export.host_choice import cpu_runner, served_runner
     from export.pipeline import graph_paths
     from export.runners import TorchRunner
     from export.runtime import intra_op_threads
@@ -83,7 +87,7 @@ def runners_for(name: str, compile_: bool = True) -> tuple[dict[str, Any], dict[
     model = load_trained(name)
     files = graph_paths(spec)
     choice = served_choice(name)
-    runners: dict[str, Any] = {"served": cpu_runner(spec, files, choice["engine"], choice["setting"]),
+    runners: dict[str, Any] = {"served": served_runner(spec, files, choice),
                                "onnxruntime": cpu_runner(spec, files, "onnxruntime", "spin off")}
     notes: dict[str, str] = {}
     try:
@@ -208,7 +212,7 @@ def run(names: list[str], batches: tuple[int, ...], rounds: int, compile_: bool,
                 continue
             m = section["models"].setdefault(name, {"served": one["served"], "runs": []})
             m["runs"].append(one)
-            print(f"run {i + 1}/{runs} {name} (served: {one['served']['engine']} {one['served']['setting']}): "
+            print(f"run {i + 1}/{runs} {name} (served: {served_label(one['served'])}): "
                   + "; ".join(f"b{b} " + ", ".join(f"{k} {v:.2f}" for k, v in one["batches"][str(b)]["ratio"].items()
                                                     if k != BASE) for b in batches if str(b) in one["batches"]),
                   flush=True)
@@ -244,7 +248,7 @@ def render_section(key: str, s: dict[str, Any]) -> list[str]:
     verdicts, ratios, cells = [], [], []
     for name, m in s["models"].items():
         last = m["runs"][-1]
-        served = f"{m['served']['engine']} {m['served']['setting']}"
+        served = served_label(m["served"])
         for b, row in last["batches"].items():
             verdicts.append([name, b, served, _verdict_cell(m["verdict"].get(b))])
             ratios.append([name, b, *[_median_ratio(m["runs"], b, p) for p in PEERS if p != BASE],

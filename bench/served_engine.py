@@ -29,10 +29,13 @@ from serving.cli import cli_error
 DEFAULT, SERVED = "default", "served"
 
 
-def served_fp32(choices: dict[str, Any], name: str) -> tuple[str, str, int]:
-    """(engine, setting, instances) of ``name``'s fp32 model in the stamp's ``choices``."""
+def served_fp32(choices: dict[str, Any], name: str) -> tuple[str, int]:
+    """(engine and setting or routes by batch size, instances) of ``name``'s fp32 model in the stamp's
+    ``choices``."""
+    from export.host_choice import served_label
+
     fp32 = (choices.get(name) or {}).get("fp32") or {}
-    return fp32.get("engine", "?"), fp32.get("setting", "?"), fp32.get("instances") or 1
+    return (served_label(fp32) if "engine" in fp32 else "?"), fp32.get("instances") or 1
 
 
 def changed_models() -> list[str]:
@@ -40,7 +43,7 @@ def changed_models() -> list[str]:
     from serving.repository import spec_for, stamped_choices
 
     choices = stamped_choices()
-    return [n for n in choices if served_fp32(choices, n) != ("onnxruntime", "spin off", 1)
+    return [n for n in choices if served_fp32(choices, n) != ("onnxruntime spin off", 1)
             and spec_for(n).composition is None]
 
 
@@ -99,9 +102,9 @@ def run(models: list[str], duration: float, rounds: int, out_dir: Path) -> dict[
             with TritonServer(root, list(pair.values()), http_port=http, grpc_port=grpc, metrics_port=metrics,
                               require_all=True) as server:
                 print(f"{m}:", file=sys.stderr)
-                engine, setting, instances = served_fp32(choices, m)
+                label, instances = served_fp32(choices, m)
                 results[m] = {**bench_model(server, m, pair, duration, rounds),
-                              "served_as": f"{engine} {setting} x{instances}"}
+                              "served_as": f"{label} x{instances}"}
         finally:
             shutil.rmtree(root, ignore_errors=True)
     meta = {"duration": duration, "rounds": rounds, "loadavg": loadavg}

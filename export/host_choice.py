@@ -18,7 +18,12 @@ answers for some graphs are wrong. So, per model and per host instruction set:
    same engine and threading's fp32 at every batch, the lowest geometric mean of p50 relative to the fastest
    candidate at each batch, unless the project's default (onnxruntime fp32, spin-wait off) is within 5% of it
    (``MARGIN``: a change must pay for itself beyond the run's noise). A variant slower than fp32 on this host is
-   therefore never chosen.
+   therefore never chosen;
+5. routes by batch size: where another eligible candidate of the same precision is faster than the chosen one
+   by more than ``MARGIN`` at some batch size (engines trade places: OpenVINO's static shapes ahead at batch 1,
+   onnxruntime at 32, on some graphs), the finalists (the fastest at each of ``BATCHES`` and the rule's pick)
+   are timed at every power of two between (``ROUTE_BATCHES``) and each size is served by the fastest there
+   (``routed``); the model then runs both engines, each batch on its own.
 
 Results are cached per host instruction set in ``artifacts/host_choice/<isa key>.json`` (the measurements, the
 gates, library versions and graph digests; an entry is re-measured when any of those changed).
@@ -42,6 +47,7 @@ from training import paths
 from training.cli import model_names
 
 BATCHES = (1, 32)
+ROUTE_BATCHES = (2, 4, 8, 16)  # where the finalists of a trade are also timed, to find where engines cross
 GATE_IMAGES = 500
 ROUNDS = 20
 ENGINES = ("onnxruntime", "openvino")
@@ -99,8 +105,9 @@ def settings(engine: str) -> list[str]:
 
 
 def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "spin off",
-               threads: int | None = None) -> Any:
-    """One runner for the deployed graphs ``files`` on ``engine`` with a threading ``setting``."""
+               threads: int | None = None, up_to: int | None = None) -> Any:
+    """One runner for the deployed graphs ``files`` on ``engine`` with a threading ``setting``; ``up_to``: the
+    largest batch it will see (OpenVINO's static buckets stop there; default the spec's maximum batch)."""
     from export.parity import deployed_runner
     from export.runtime import intra_op_threads
 
@@ -112,8 +119,40 @@ def cpu_runner(spec: Any, files: dict[str, Path], engine: str, setting: str = "s
 
         static = setting == "static"
         return openvino_deployed_runner(spec, files, threads=threads, static=static,
-                                        batch_buckets=batch_buckets(spec.serving.max_batch_size) if static else ())
+                                        batch_buckets=batch_buckets(up_to or spec.serving.max_batch_size)
+                                        if static else ())
     raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+
+
+def routes_of(served: dict[str, Any]) -> tuple[Any, ...]:
+    """The ``export.cpu_engines.Route`` list a served choice (``choose()["served"][variant]``) stands for."""
+    from export.cpu_engines import Route
+
+    if served.get("routes"):
+        return tuple(Route(r["up_to"], r["engine"], r["setting"]) for r in served["routes"])
+    return (Route(None, served["engine"], served["setting"]),)
+
+
+def served_label(served: dict[str, Any]) -> str:
+    """``"openvino static"``, or per batch size ``"openvino static <= 4, onnxruntime spin off > 4"``."""
+    routes = routes_of(served)
+    if len(routes) == 1:
+        return f"{routes[0].engine} {routes[0].setting}"
+    parts, low = [], 0
+    for r in routes:
+        parts.append(f"{r.engine} {r.setting} " + (f"<= {r.up_to}" if r.up_to is not None else f"> {low}"))
+        low = r.up_to or low
+    return ", ".join(parts)
+
+
+def served_runner(spec: Any, files: dict[str, Path], served: dict[str, Any], threads: int | None = None) -> Any:
+    """In process, what the python backend serves for the choice ``served``: one engine, or several routed by
+    batch size (``export.cpu_engines.BatchRouted``)."""
+    from export.cpu_engines import BatchRouted
+
+    routes = routes_of(served)
+    runners = [(r.up_to, cpu_runner(spec, files, r.engine, r.setting, threads, r.up_to)) for r in routes]
+    return runners[0][1] if len(runners) == 1 else BatchRouted(runners, name=served_label(served))
 
 
 def settled_interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = ROUNDS,
@@ -214,6 +253,31 @@ def gate(spec: Any, engine: str, variant: str, files: dict[str, Path], n: int = 
 # ---------------------------------------------------------------- the rule
 
 
+def routed(chosen: dict[str, Any], pool: list[dict[str, Any]], margin: float = MARGIN) -> dict[str, Any]:
+    """``chosen`` with ``routes`` (ascending ``up_to``, the last None) where other candidates of ``pool`` are
+    faster by more than ``margin`` at some of the batch sizes ``chosen`` was timed at; each size is served by the
+    fastest there (``chosen`` keeps the sizes it is within ``margin`` of), and ``p50`` becomes the routed one.
+    Returns ``chosen`` unchanged where it serves every size."""
+    sizes = sorted(chosen["p50"], key=int)
+    if not {str(b) for b in ROUTE_BATCHES} <= set(sizes):  # routed only where the crossing itself was timed
+        return chosen
+    pool = [c for c in pool if c.get("p50") and all(b in c["p50"] for b in sizes)]
+    serving = []
+    for b in sizes:
+        best = min(pool, key=lambda c: c["p50"][b], default=chosen)
+        serving.append(best if best["p50"][b] * margin < chosen["p50"][b] else chosen)
+    routes: list[dict[str, Any]] = []
+    for b, c in zip(sizes, serving, strict=True):
+        if routes and (routes[-1]["engine"], routes[-1]["setting"]) == (c["engine"], c["setting"]):
+            routes[-1]["up_to"] = int(b)
+        else:
+            routes.append({"up_to": int(b), "engine": c["engine"], "setting": c["setting"]})
+    if len(routes) == 1:
+        return chosen
+    routes[-1]["up_to"] = None  # the last route takes every larger batch too
+    return {**chosen, "routes": routes, "p50": {b: c["p50"][b] for b, c in zip(sizes, serving, strict=True)}}
+
+
 def pick_variant(candidates: list[dict[str, Any]], variant: str, batches: tuple[int, ...] | list[int] = BATCHES,
                  margin: float = MARGIN, spin: str = "spin off") -> dict[str, Any] | None:
     """What serves ``variant`` on this host: the fp32 model's engine and setting (the project's default kept
@@ -223,13 +287,18 @@ def pick_variant(candidates: list[dict[str, Any]], variant: str, batches: tuple[
     in-process timing of the other setting does not decide it, since a served instance shares the cores."""
     candidates = [c for c in candidates if c["engine"] != "onnxruntime" or c["setting"] == spin]
     fp32 = pick([c for c in candidates if c["variant"] == "fp32"], batches, margin, ("onnxruntime", "fp32", spin))
-    if variant == "fp32" or fp32 is None:
-        return fp32 if variant == "fp32" else None
+    if fp32 is None:
+        return None
+    fp32 = routed(fp32, [c for c in candidates if c["variant"] == "fp32" and c.get("passed")], margin)
+    if variant == "fp32":
+        return fp32
+    # faster than the (routed) fp32 model at every batch size both were timed at
     faster = [c for c in candidates if c["variant"] == variant and c.get("passed") and c.get("p50")
-              and all(c["p50"][str(b)] < fp32["p50"][str(b)] for b in batches)]
+              and all(c["p50"][str(b)] < fp32["p50"][str(b)] for b in batches)
+              and all(v < fp32["p50"][b] for b, v in c["p50"].items() if b in fp32["p50"])]
     if not faster:
         return None
-    best = min(faster, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches))
+    best = routed(min(faster, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches)), faster, margin)
     return {**best, "speedup_vs_fp32": {str(b): fp32["p50"][str(b)] / best["p50"][str(b)] for b in batches}}
 
 
@@ -265,6 +334,28 @@ def pick(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[int] 
 
 
 # ---------------------------------------------------------------- measuring a model
+
+
+def finalists(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[int] = BATCHES) -> list[str]:
+    """Candidate keys worth timing at ``ROUTE_BATCHES``: per precision and onnxruntime spin setting (the served
+    one is chosen later, by ``bench.served_threads``), where the fastest passed candidate at one of ``batches``
+    is not the fastest at another, those fastest ones, the rule's pick and the project's default."""
+    keys: dict[str, None] = {}
+    for variant in dict.fromkeys(c["variant"] for c in candidates):
+        for spin in settings("onnxruntime"):
+            pool = [c for c in candidates if c["variant"] == variant and c.get("passed") and c.get("p50")
+                    and (c["engine"] != "onnxruntime" or c["setting"] == spin)]
+            if not pool:
+                continue
+            fastest = [min(pool, key=lambda c: c["p50"][str(b)]) for b in batches]
+            if all(c is fastest[0] for c in fastest):
+                continue
+            geo = min(pool, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches))
+            default = [c for c in pool if (c["engine"], c["setting"]) == ("onnxruntime", spin)]
+            for c in (*fastest, geo, *default):
+                keys[candidate_key(c["engine"], c["variant"], c["setting"])] = None
+    return list(keys)
+
 
 
 def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGES,
@@ -322,8 +413,18 @@ def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGE
         if s and len(s) == len(batches):
             c["latency"] = s
             c["p50"] = {b: v["p50"] for b, v in s.items()}
+    # Engines that trade places between batch 1 and 32: the finalists timed in between, to route by batch size
+    routed_keys = finalists(candidates, batches)
+    by_key = {candidate_key(c["engine"], c["variant"], c["setting"]): c for c in candidates}
+    for b in tqdm(ROUTE_BATCHES if routed_keys else (), desc=f"crossings {name}", disable=not progress,
+                  leave=False):
+        x = batch_of(feeds, b)
+        for k, st in settled_interleaved({k: runners[k] for k in routed_keys}, x, rounds).items():
+            by_key[k]["latency"][str(b)] = st
+            by_key[k]["p50"][str(b)] = st["p50"]
     chosen = pick(candidates, batches)
-    return {"model": name, "batches": list(batches), "rounds": rounds, "candidates": candidates,
+    return {"model": name, "batches": list(batches), "route_batches": list(ROUTE_BATCHES), "rounds": rounds,
+            "candidates": candidates,
             "digests": {v: _digest(f) for v, f in graphs.items()}, "versions": _versions(),
             "settings": {e: settings(e) for e in engines()},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -341,6 +442,7 @@ def _current(entry: dict[str, Any], name: str) -> bool:
 
     graphs = variant_graphs(get_spec(name))
     return entry.get("versions") == _versions() and entry.get("settings") == {e: settings(e) for e in engines()} \
+        and entry.get("route_batches") == list(ROUTE_BATCHES) \
         and entry.get("digests") == {v: _digest(f) for v, f in graphs.items()}
 
 
@@ -411,7 +513,7 @@ def choose(spec_name: str, host: dict[str, Any] | None = None, *, refresh: bool 
     threading = served_threading(host, root, spec_name)
     spin = "spin on" if threading and threading["spinning"] else "spin off"
     served = {v: None if (x := pick_variant(entry["candidates"], v, entry["batches"], spin=spin)) is None else
-              {k: x[k] for k in ("engine", "setting", "p50", "speedup_vs_fp32") if k in x}
+              {k: x[k] for k in ("engine", "setting", "routes", "p50", "speedup_vs_fp32") if k in x}
               | {"instances": threading["instances"] if threading else None}
               for v in sorted({c["variant"] for c in entry["candidates"]})}
     return {"model": spec_name, "isa_key": path.stem, **c, "spinning": c["setting"] == "spin on",

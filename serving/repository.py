@@ -351,18 +351,27 @@ def _serve_variant(spec: ModelSpec, d: Deployable, cfg: Any, variant: str, root:
 
 
 def _set_engine(cfg: Any, served: dict[str, Any] | None) -> None:
-    """The CPU engine and threading the host choice measured fastest for this model (python backend only). With
-    OpenVINO's static shapes, Triton warms every batch bucket when it loads the model, so the compiles (0.24-0.83 s
-    each, measured) happen at load instead of on a user's first request of that size (at the warm-up's sizes)."""
-    if served is not None:
+    """The CPU engine and threading the host choice measured fastest for this model (python backend only), or
+    one per batch size (``parameters.routes``) where engines trade places with it. With OpenVINO's static
+    shapes, Triton warms every batch bucket when it loads the model, so the compiles (0.24-0.83 s each,
+    measured) happen at load instead of on a user's first request of that size (at the warm-up's sizes)."""
+    if served is None:
+        return
+    from export.cpu_engines import Route
+    from export.host_choice import routes_of
+
+    routes = routes_of(served)
+    if len(routes) > 1:
+        cfg.parameters["routes"].string_value = Route.dump(routes)
+    else:
         cfg.parameters["engine"].string_value = served["engine"]
         cfg.parameters["allow_spinning"].string_value = "1" if served["setting"] == "spin on" else "0"
         if served["setting"] in ("static", "dynamic"):  # OpenVINO's shapes (export.host_choice.settings)
             cfg.parameters["shapes"].string_value = served["setting"]
-        if served["setting"] == "static":
-            _warm_buckets(cfg)
-        if served.get("instances"):  # chosen by served measurement on this host (bench.served_threads)
-            cfg.instance_group[0].count = served["instances"]
+    if any(r.setting == "static" for r in routes):
+        _warm_buckets(cfg)
+    if served.get("instances"):  # chosen by served measurement on this host (bench.served_threads)
+        cfg.instance_group[0].count = served["instances"]
 
 
 def _warm_buckets(cfg: Any) -> None:

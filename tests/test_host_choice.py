@@ -115,3 +115,49 @@ def test_served_threading_is_per_model_with_a_host_wide_fallback(tmp_path) -> No
     table = [_c("onnxruntime", "fp32", 1.0, 20.0), _c("onnxruntime", "fp32", 0.5, 19.0, setting="spin on")]
     assert host_choice.pick_variant(table, "fp32")["setting"] == "spin off"  # in-process timing does not decide
     assert host_choice.pick_variant(table, "fp32", spin="spin on")["setting"] == "spin on"
+
+
+def _timed(engine: str, variant: str, setting: str, p50: dict[int, float]) -> dict:
+    return {"engine": engine, "variant": variant, "setting": setting, "passed": True,
+            "p50": {str(b): v for b, v in p50.items()}}
+
+
+# gen_attention_0011 on this AVX-512 host: OpenVINO's static shapes ahead at small batches, onnxruntime at 32
+ORT = _timed("onnxruntime", "fp32", "spin off", {1: 0.91, 2: 1.2, 4: 1.8, 8: 2.6, 16: 4.2, 32: 7.83})
+OV = _timed("openvino", "fp32", "static", {1: 0.79, 2: 1.0, 4: 1.7, 8: 2.7, 16: 4.6, 32: 8.59})
+
+
+def test_engines_that_trade_places_with_the_batch_size_are_routed_by_it() -> None:
+    chosen = host_choice.pick_variant([ORT, OV], "fp32")
+    assert chosen["routes"] == [{"up_to": 4, "engine": "openvino", "setting": "static"},
+                                {"up_to": None, "engine": "onnxruntime", "setting": "spin off"}]
+    # the routed p50 is each size's own engine: never slower than either alone
+    assert all(chosen["p50"][b] == min(ORT["p50"][b], OV["p50"][b]) for b in ORT["p50"] if b != "8")
+    assert chosen["p50"]["8"] == ORT["p50"]["8"]  # OpenVINO slower there: onnxruntime keeps it
+    assert host_choice.served_label(chosen) == "openvino static <= 4, onnxruntime spin off > 4"
+    routes = host_choice.routes_of(chosen)
+    assert [r.up_to for r in routes] == [4, None] and routes[0].engine == "openvino"
+
+
+def test_a_size_changes_engine_only_beyond_the_noise_and_only_where_the_crossing_was_timed() -> None:
+    near = _timed("openvino", "fp32", "static", {b: v / 1.04 for b, v in ((int(k), x) for k, x in ORT["p50"].items())})
+    assert "routes" not in host_choice.routed(ORT, [ORT, near])  # 4% faster everywhere: within MARGIN
+    # timed at batch 1 and 32 only (no crossing measured): one engine, whatever the trade
+    two = [{**c, "p50": {b: c["p50"][b] for b in ("1", "32")}} for c in (ORT, OV)]
+    assert "routes" not in host_choice.routed(two[0], two)
+
+
+def test_a_routed_int8_model_is_faster_than_the_routed_fp32_at_every_timed_size() -> None:
+    fast = _timed("openvino", "int8", "static", {1: 0.6, 2: 0.8, 4: 1.2, 8: 1.9, 16: 3.0, 32: 5.5})
+    slow_mid = _timed("onnxruntime", "int8", "spin off", {1: 0.7, 2: 0.9, 4: 2.0, 8: 2.0, 16: 3.5, 32: 6.0})
+    got = host_choice.pick_variant([ORT, OV, fast, slow_mid], "int8")
+    fp32 = host_choice.pick_variant([ORT, OV], "fp32")
+    # slow_mid is slower than the routed fp32 at batch 4 (2.0 vs 1.7): not eligible, so not a route either
+    assert (got["engine"], got["setting"]) == ("openvino", "static") and "routes" not in got
+    assert all(got["p50"][b] < fp32["p50"][b] for b in fp32["p50"])
+
+
+def test_finalists_are_timed_in_between_only_where_the_fastest_changes_with_the_batch() -> None:
+    assert set(host_choice.finalists([ORT, OV])) == {"onnxruntime fp32 spin off", "openvino fp32 static"}
+    ahead = _timed("openvino", "fp32", "static", {1: 0.5, 32: 5.0})
+    assert host_choice.finalists([ORT, ahead]) == []  # one engine fastest at both: nothing to route

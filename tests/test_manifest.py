@@ -94,6 +94,32 @@ def test_int8_is_served_only_where_the_manifest_and_this_hosts_choice_say_so(rep
     assert manifest.load(MODEL, repo)["host_choice"]["test-isa"]["int8"] is None  # recorded per instruction set
 
 
+def test_a_choice_routed_by_batch_size_is_written_as_routes_and_read_back(repo):
+    """Engines that trade places with the batch size: the config carries the routes (not one engine), Triton warms
+    every bucket (one route runs OpenVINO's static shapes), and the backend reads back exactly those routes."""
+    from export.cpu_engines import Route
+
+    routes = [{"up_to": 4, "engine": "openvino", "setting": "static"},
+              {"up_to": None, "engine": "onnxruntime", "setting": "spin on"}]
+    fp32 = {"engine": "onnxruntime", "setting": "spin on", "routes": routes, "instances": 1}
+    rep.write_model(get_spec(MODEL), "cpu", repo, choice={"isa_key": "test-isa", "served": {"fp32": fp32}})
+    cfg = rep.parse_config(layout.config_path(MODEL, repo).read_text())
+    assert not {"engine", "allow_spinning", "shapes"} & set(cfg.parameters)
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert Route.from_parameters(params) == (Route(4, "openvino", "static"), Route(None, "onnxruntime", "spin on"))
+    assert [w.batch_size for w in cfg.model_warmup] == list(batch_buckets(cfg.max_batch_size))
+    # one engine: the single route the older parameters name
+    assert Route.from_parameters({"engine": "openvino"}) == (Route(None, "openvino", "dynamic"),)
+    assert Route.from_parameters({"allow_spinning": "1"}) == (Route(None, "onnxruntime", "spin on"),)
+    for bad, why in (('[{"up_to": 4, "engine": "openvino", "setting": "static"}]', "last be null"),
+                     ('[{"up_to": 8, "engine": "openvino", "setting": "static"}, {"up_to": 4, "engine": '
+                      '"onnxruntime", "setting": "spin off"}, {"up_to": null, "engine": "onnxruntime", '
+                      '"setting": "spin off"}]', "must ascend"),
+                     ('[{"up_to": null, "engine": "tvm", "setting": "x"}]', "unknown engine")):
+        with pytest.raises(ValueError, match=why):
+            Route.parse(bad)
+
+
 def test_a_variant_slower_than_the_served_fp32_at_any_batch_is_never_served():
     cands = [_candidate("onnxruntime", "fp32", "spin off", 1.0, 10.0),
              _candidate("onnxruntime", "fp32", "spin on", 0.5, 9.0),

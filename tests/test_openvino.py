@@ -66,6 +66,39 @@ def test_batch_buckets_pad_and_cut_back() -> None:
     assert bucketed.compiled_shapes == 4  # buckets 4, 1 and 8, and 9 as itself
 
 
+def test_batches_routed_by_size_run_on_their_own_engine() -> None:
+    """A choice routed by batch size (``export.host_choice.routed``) runs each batch on its route's engine, in
+    process as the python backend does: OpenVINO static up to 2 (its buckets stop there), onnxruntime above;
+    every size within the fp32 parity bound of torch."""
+    from export.cpu_engines import BatchRouted
+    from export.host_choice import served_runner
+    from export.parity import deployed_runner
+    from export.runners import TorchRunner
+    from training.checkpoints import load_trained
+
+    name = "cnn"
+    if name not in EXPORTED:
+        pytest.skip("cnn not exported: run `make export`")
+    spec = get_spec(name)
+    files = variant_graphs(spec)["fp32"]
+    served = {"engine": "onnxruntime", "setting": "spin off",
+              "routes": [{"up_to": 2, "engine": "openvino", "setting": "static"},
+                         {"up_to": None, "engine": "onnxruntime", "setting": "spin off"}]}
+    routed = served_runner(spec, files, served)
+    assert isinstance(routed, BatchRouted)
+    small, large = routed.target(1), routed.target(3)
+    assert routed.target(2) is small and routed.target(64) is large
+    assert isinstance(small, OpenVinoRunner) and small.buckets == (1, 2)
+    assert type(large) is type(deployed_runner(spec, files))
+    torch_ref = TorchRunner.for_spec(spec, load_trained(name))
+    feeds = sample_feeds(spec, 8, spec.train.canvas)
+    for b in (1, 2, 3, 8):
+        x = {k: v[:b] for k, v in feeds.items()}
+        c = compare(torch_ref.infer(x), routed.infer(x), spec.outputs, spec_tolerance(spec), where=f"routed b{b}")
+        assert c.ok, c.failures
+    assert small.compiled_shapes == 2  # batches 1 and 2 only: 3 and 8 never reached OpenVINO
+
+
 def test_bad_files_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         OpenVinoRunner(tmp_path / "missing.onnx")
@@ -116,7 +149,8 @@ def test_served_on_openvino_through_the_python_backend(tmp_path) -> None:
     """A config that names ``engine: openvino`` (as the host choice writes it) is served by OpenVINO inside
     Triton's python backend, with dynamic shapes and with static shapes per batch bucket: answers equal OpenVINO's
     in process, within the fp32 parity bound of torch, at three batch sizes (3: padded to bucket 4) and two input
-    sizes; a bad engine name fails the model's load naming it."""
+    sizes; the same for a config routed by batch size (OpenVINO static up to 2, onnxruntime above); a bad engine
+    name or route list fails the model's load naming it."""
     import shutil
 
     from export.runners import TorchRunner
@@ -146,13 +180,23 @@ def test_served_on_openvino_through_the_python_backend(tmp_path) -> None:
         rep.write_text(layout.config_path(cfg.name, tmp_path), rep.config_text(cfg))
         return cfg.name
 
+    from export.cpu_engines import BatchRouted, Route
+    from export.parity import deployed_runner
+
     bad, static = variant("bad_engine", engine="tensorflow"), variant("static", shapes="static")
+    routes = (Route(2, "openvino", "static"), Route(None, "onnxruntime", "spin off"))
+    routed = variant("routed", routes=Route.dump(routes))
+    bad_routes = variant("bad_routes", routes=Route.dump(routes[::-1]))
     local = {name: OpenVinoRunner(dst, static=False),
-             static: OpenVinoRunner(dst, batch_buckets=batch_buckets(spec.serving.max_batch_size))}
+             static: OpenVinoRunner(dst, batch_buckets=batch_buckets(spec.serving.max_batch_size)),
+             routed: BatchRouted([(2, OpenVinoRunner(dst, batch_buckets=(1, 2))),
+                                  (None, deployed_runner(spec, {spec.deploy_graphs()[0].name: dst}))])}
     torch_ref = TorchRunner.for_spec(spec, load_trained(name))
     http, grpc, metrics = free_ports(3)
-    with TritonServer(tmp_path, [name, bad, static], http_port=http, grpc_port=grpc, metrics_port=metrics) as srv:
+    with TritonServer(tmp_path, [name, bad, static, routed, bad_routes], http_port=http, grpc_port=grpc,
+                      metrics_port=metrics) as srv:
         assert "unknown engine 'tensorflow'" in srv.load_errors.get(bad, ""), srv.load_errors
+        assert "limits must ascend" in srv.load_errors.get(bad_routes, ""), srv.load_errors
         for served, runner in local.items():
             client = Client(served, "grpc", srv.grpc_url)
             for side in spec.checks.parity_sides:

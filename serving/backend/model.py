@@ -21,8 +21,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.cpu_engines import ServedSession
-from export.openvino_runner import batch_buckets
+from export.cpu_engines import Route, served_session
 from export.runtime import intra_op_threads
 from serving.contract import Contract, ContractError
 from serving.validation import InputError, ModelRules, check_arrays, with_defaults
@@ -49,13 +48,14 @@ class TritonPythonModel:
         instances = sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1
         threads = intra_op_threads(int(params.get("intra_op_threads") or 0), instances)
         # The CPU engine and its threading, as chosen for this host by measurement (export.host_choice; written
-        # into the config by serving.repository): onnxruntime by default, OpenVINO where it measured faster.
-        # OpenVINO with static shapes compiles one shape per batch bucket (powers of two up to max_batch_size).
+        # into the config by serving.repository): onnxruntime by default, OpenVINO where it measured faster, or
+        # one of them per batch size ("routes") where they trade places with it. OpenVINO with static shapes
+        # compiles one shape per batch bucket (powers of two up to its route's limit).
         engine = params.get("engine") or "onnxruntime"
-        buckets = batch_buckets(int(cfg.get("max_batch_size") or 1)) if params.get("shapes") == "static" else ()
         try:
-            self.session = ServedSession(path, engine, threads, spinning=params.get("allow_spinning") == "1",
-                                         batch_buckets=buckets)
+            routes = Route.from_parameters(params)
+            engine = ", ".join(dict.fromkeys(r.engine for r in routes))
+            self.session = served_session(path, routes, threads, int(cfg.get("max_batch_size") or 1))
         except Exception as e:  # the engines raise their own types for corrupt/unreadable graphs
             raise pb_utils.TritonModelException(
                 f"model '{self.name}': cannot load ONNX file {path} on {engine} ({e})") from None
