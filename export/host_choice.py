@@ -19,11 +19,12 @@ answers for some graphs are wrong. So, per model and per host instruction set:
    candidate at each batch, unless the project's default (onnxruntime fp32, spin-wait off) is within 5% of it
    (``MARGIN``: a change must pay for itself beyond the run's noise). A variant slower than fp32 on this host is
    therefore never chosen;
-5. routes by batch size: where another eligible candidate of the same precision is faster than the chosen one
-   by more than ``MARGIN`` at some batch size (engines trade places: OpenVINO's static shapes ahead at batch 1,
-   onnxruntime at 32, on some graphs), the finalists (the fastest at each of ``BATCHES`` and the rule's pick)
-   are timed at every power of two between (``ROUTE_BATCHES``) and each size is served by the fastest there
-   (``routed``); the model then runs both engines, each batch on its own.
+5. routes by batch size: where the fastest candidate of a precision at batch 1 is not the fastest at 32
+   (engines trade places: OpenVINO's static shapes ahead at batch 1, onnxruntime at 32, on some graphs), the
+   finalists (those fastest ones, the rule's pick and the default) are timed again side by side at every power
+   of two from 1 to 32 (``CROSSING_BATCHES``), and the model is served by one engine up to a batch size and
+   another above it where that split is faster than the chosen candidate alone by more than ``MARGIN`` on the
+   sizes it moves (``routed``; one crossing at most: a timing's noise does not make engines alternate).
 
 Results are cached per host instruction set in ``artifacts/host_choice/<isa key>.json`` (the measurements, the
 gates, library versions and graph digests; an entry is re-measured when any of those changed).
@@ -47,7 +48,7 @@ from training import paths
 from training.cli import model_names
 
 BATCHES = (1, 32)
-ROUTE_BATCHES = (2, 4, 8, 16)  # where the finalists of a trade are also timed, to find where engines cross
+CROSSING_BATCHES = (1, 2, 4, 8, 16, 32)  # where the finalists of a trade are timed again, to find the crossing
 GATE_IMAGES = 500
 ROUNDS = 20
 ENGINES = ("onnxruntime", "openvino")
@@ -253,29 +254,43 @@ def gate(spec: Any, engine: str, variant: str, files: dict[str, Path], n: int = 
 # ---------------------------------------------------------------- the rule
 
 
+def _gain(chosen: dict[str, Any], moved: list[tuple[str, dict[str, Any]]], timing: str) -> float:
+    """Geometric mean of ``chosen``'s time over the moved-to candidate's, at the moved sizes (inf: none)."""
+    logs = [math.log(chosen[timing][b] / c[timing][b]) for b, c in moved]
+    return math.exp(math.fsum(logs) / len(logs)) if logs else math.inf
+
+
 def routed(chosen: dict[str, Any], pool: list[dict[str, Any]], margin: float = MARGIN) -> dict[str, Any]:
-    """``chosen`` with ``routes`` (ascending ``up_to``, the last None) where other candidates of ``pool`` are
-    faster by more than ``margin`` at some of the batch sizes ``chosen`` was timed at; each size is served by the
-    fastest there (``chosen`` keeps the sizes it is within ``margin`` of), and ``p50`` becomes the routed one.
-    Returns ``chosen`` unchanged where it serves every size."""
-    sizes = sorted(chosen["p50"], key=int)
-    if not {str(b) for b in ROUTE_BATCHES} <= set(sizes):  # routed only where the crossing itself was timed
+    """``chosen`` with ``routes`` (``[{up_to, engine, setting}, {up_to: None, ...}]``) where a split of the batch
+    sizes between two candidates of ``pool`` (one up to a size, another above) is faster than ``chosen`` alone
+    by more than ``margin`` (geometric mean over the sizes it moves to another candidate), judged on the
+    side-by-side ``crossing`` timings (``CROSSING_BATCHES``) and again on the first timing at the sizes it moves
+    there (1 or 32): two measurements must agree. The fastest such split in total wins. The routed
+    result's ``p50`` (batch 1 and 32) and ``crossing`` are its routes' own. Returns ``chosen`` unchanged where no
+    split pays, or the crossing was not timed."""
+    sizes = sorted(chosen.get("crossing", {}), key=int)
+    pool = [c for c in pool if all(b in c.get("crossing", {}) for b in sizes)]
+    if len(sizes) < 2 or len(pool) < 2:
         return chosen
-    pool = [c for c in pool if c.get("p50") and all(b in c["p50"] for b in sizes)]
-    serving = []
-    for b in sizes:
-        best = min(pool, key=lambda c: c["p50"][b], default=chosen)
-        serving.append(best if best["p50"][b] * margin < chosen["p50"][b] else chosen)
-    routes: list[dict[str, Any]] = []
-    for b, c in zip(sizes, serving, strict=True):
-        if routes and (routes[-1]["engine"], routes[-1]["setting"]) == (c["engine"], c["setting"]):
-            routes[-1]["up_to"] = int(b)
-        else:
-            routes.append({"up_to": int(b), "engine": c["engine"], "setting": c["setting"]})
-    if len(routes) == 1:
+    best, best_total = None, math.fsum(math.log(chosen["crossing"][b]) for b in sizes)
+    for small in pool:
+        for large in pool:
+            for i in range(1, len(sizes)) if small is not large else ():
+                plan = [small] * i + [large] * (len(sizes) - i)
+                moved = [(b, c) for b, c in zip(sizes, plan, strict=True) if c is not chosen]
+                total = math.fsum(math.log(c["crossing"][b]) for b, c in zip(sizes, plan, strict=True))
+                # the gain must clear the noise in the crossing timings and, at the sizes the first timing also
+                # measured (1 and 32), there too: two measurements agreeing, not one lucky phase
+                if moved and _gain(chosen, moved, "crossing") > margin and total < best_total \
+                        and _gain(chosen, [(b, c) for b, c in moved if b in chosen["p50"]], "p50") > margin:
+                    best, best_total = (plan, i), total
+    if best is None:
         return chosen
-    routes[-1]["up_to"] = None  # the last route takes every larger batch too
-    return {**chosen, "routes": routes, "p50": {b: c["p50"][b] for b, c in zip(sizes, serving, strict=True)}}
+    plan, i = best
+    routes = [{"up_to": int(sizes[i - 1]), "engine": plan[0]["engine"], "setting": plan[0]["setting"]},
+              {"up_to": None, "engine": plan[-1]["engine"], "setting": plan[-1]["setting"]}]
+    return {**chosen, "routes": routes, "crossing": {b: c["crossing"][b] for b, c in zip(sizes, plan, strict=True)},
+            "p50": {b: (plan[0] if int(b) <= int(sizes[i - 1]) else plan[-1])["p50"][b] for b in chosen["p50"]}}
 
 
 def pick_variant(candidates: list[dict[str, Any]], variant: str, batches: tuple[int, ...] | list[int] = BATCHES,
@@ -295,7 +310,8 @@ def pick_variant(candidates: list[dict[str, Any]], variant: str, batches: tuple[
     # faster than the (routed) fp32 model at every batch size both were timed at
     faster = [c for c in candidates if c["variant"] == variant and c.get("passed") and c.get("p50")
               and all(c["p50"][str(b)] < fp32["p50"][str(b)] for b in batches)
-              and all(v < fp32["p50"][b] for b, v in c["p50"].items() if b in fp32["p50"])]
+              and all(v < fp32["crossing"][b] for b, v in c.get("crossing", {}).items()
+                      if b in fp32.get("crossing", {}))]
     if not faster:
         return None
     best = routed(min(faster, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches)), faster, margin)
@@ -337,7 +353,7 @@ def pick(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[int] 
 
 
 def finalists(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[int] = BATCHES) -> list[str]:
-    """Candidate keys worth timing at ``ROUTE_BATCHES``: per precision and onnxruntime spin setting (the served
+    """Candidate keys worth timing at ``CROSSING_BATCHES``: per precision and onnxruntime spin setting (the served
     one is chosen later, by ``bench.served_threads``), where the fastest passed candidate at one of ``batches``
     is not the fastest at another, those fastest ones, the rule's pick and the project's default."""
     keys: dict[str, None] = {}
@@ -413,17 +429,17 @@ def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGE
         if s and len(s) == len(batches):
             c["latency"] = s
             c["p50"] = {b: v["p50"] for b, v in s.items()}
-    # Engines that trade places between batch 1 and 32: the finalists timed in between, to route by batch size
+    # Engines that trade places between batch 1 and 32: the finalists timed side by side at every size between,
+    # in a phase of their own (compared with each other only: the host's load moves between phases)
     routed_keys = finalists(candidates, batches)
     by_key = {candidate_key(c["engine"], c["variant"], c["setting"]): c for c in candidates}
-    for b in tqdm(ROUTE_BATCHES if routed_keys else (), desc=f"crossings {name}", disable=not progress,
+    for b in tqdm(CROSSING_BATCHES if routed_keys else (), desc=f"crossings {name}", disable=not progress,
                   leave=False):
         x = batch_of(feeds, b)
         for k, st in settled_interleaved({k: runners[k] for k in routed_keys}, x, rounds).items():
-            by_key[k]["latency"][str(b)] = st
-            by_key[k]["p50"][str(b)] = st["p50"]
+            by_key[k].setdefault("crossing", {})[str(b)] = st["p50"]
     chosen = pick(candidates, batches)
-    return {"model": name, "batches": list(batches), "route_batches": list(ROUTE_BATCHES), "rounds": rounds,
+    return {"model": name, "batches": list(batches), "crossing_batches": list(CROSSING_BATCHES), "rounds": rounds,
             "candidates": candidates,
             "digests": {v: _digest(f) for v, f in graphs.items()}, "versions": _versions(),
             "settings": {e: settings(e) for e in engines()},
@@ -442,7 +458,7 @@ def _current(entry: dict[str, Any], name: str) -> bool:
 
     graphs = variant_graphs(get_spec(name))
     return entry.get("versions") == _versions() and entry.get("settings") == {e: settings(e) for e in engines()} \
-        and entry.get("route_batches") == list(ROUTE_BATCHES) \
+        and entry.get("crossing_batches") == list(CROSSING_BATCHES) \
         and entry.get("digests") == {v: _digest(f) for v, f in graphs.items()}
 
 
@@ -513,7 +529,7 @@ def choose(spec_name: str, host: dict[str, Any] | None = None, *, refresh: bool 
     threading = served_threading(host, root, spec_name)
     spin = "spin on" if threading and threading["spinning"] else "spin off"
     served = {v: None if (x := pick_variant(entry["candidates"], v, entry["batches"], spin=spin)) is None else
-              {k: x[k] for k in ("engine", "setting", "routes", "p50", "speedup_vs_fp32") if k in x}
+              {k: x[k] for k in ("engine", "setting", "routes", "p50", "crossing", "speedup_vs_fp32") if k in x}
               | {"instances": threading["instances"] if threading else None}
               for v in sorted({c["variant"] for c in entry["candidates"]})}
     return {"model": spec_name, "isa_key": path.stem, **c, "spinning": c["setting"] == "spin on",
