@@ -254,43 +254,62 @@ def gate(spec: Any, engine: str, variant: str, files: dict[str, Path], n: int = 
 # ---------------------------------------------------------------- the rule
 
 
-def _gain(chosen: dict[str, Any], moved: list[tuple[str, dict[str, Any]]], timing: str) -> float:
-    """Geometric mean of ``chosen``'s time over the moved-to candidate's, at the moved sizes (inf: none)."""
-    logs = [math.log(chosen[timing][b] / c[timing][b]) for b, c in moved]
-    return math.exp(math.fsum(logs) / len(logs)) if logs else math.inf
+def _served_cost(c: dict[str, Any], n: int, sizes: list[int]) -> float:
+    """``c``'s time for a batch of ``n`` as served: static shapes pad up to the next timed bucket (that bucket's
+    time); the others scale between the timed sizes (linear between the two around ``n``)."""
+    x = c["crossing"]
+    up = next(b for b in sizes if b >= n)
+    if n == up or c["setting"] == "static":
+        return x[str(up)]
+    lo = max(b for b in sizes if b < n)
+    return x[str(lo)] + (x[str(up)] - x[str(lo)]) * (n - lo) / (up - lo)
+
+
+def _gain(ratios: list[float]) -> float:
+    """Geometric mean of time ratios (old / new); inf where nothing moved."""
+    return math.exp(math.fsum(map(math.log, ratios)) / len(ratios)) if ratios else math.inf
 
 
 def routed(chosen: dict[str, Any], pool: list[dict[str, Any]], margin: float = MARGIN) -> dict[str, Any]:
-    """``chosen`` with ``routes`` (``[{up_to, engine, setting}, {up_to: None, ...}]``) where a split of the batch
-    sizes between two candidates of ``pool`` (one up to a size, another above) is faster than ``chosen`` alone
-    by more than ``margin`` (geometric mean over the sizes it moves to another candidate), judged on the
-    side-by-side ``crossing`` timings (``CROSSING_BATCHES``) and again on the first timing at the sizes it moves
-    there (1 or 32): two measurements must agree. The fastest such split in total wins. The routed
+    """``chosen`` with ``routes`` (``[{up_to, engine, setting}, {up_to: None, ...}]``) where splitting the batch
+    sizes between two candidates of ``pool`` (one up to a timed size, another above) is faster than ``chosen``
+    alone by more than ``margin``: the geometric mean of the time ratios over every batch size 1..32 it moves to
+    another candidate, from the side-by-side ``crossing`` timings (``CROSSING_BATCHES``; a static-shape engine
+    pays for its padding at the sizes between, ``_served_cost``), and again from the first timing at the sizes it
+    moves there (1 or 32): two measurements must agree. The fastest such split over all sizes wins. The routed
     result's ``p50`` (batch 1 and 32) and ``crossing`` are its routes' own. Returns ``chosen`` unchanged where no
     split pays, or the crossing was not timed."""
-    sizes = sorted(chosen.get("crossing", {}), key=int)
-    pool = [c for c in pool if all(b in c.get("crossing", {}) for b in sizes)]
+    sizes = sorted(int(b) for b in chosen.get("crossing", {}))
+    key = ("engine", "variant", "setting")
+    # chosen may be a copy of its pool entry (pick adds its score): the entry itself is chosen
+    pool = [chosen if all(c[k] == chosen[k] for k in key) else c for c in pool
+            if all(str(b) in c.get("crossing", {}) for b in sizes)]
     if len(sizes) < 2 or len(pool) < 2:
         return chosen
-    best, best_total = None, math.fsum(math.log(chosen["crossing"][b]) for b in sizes)
+    every = range(1, sizes[-1] + 1)
+    base = {n: _served_cost(chosen, n, sizes) for n in every}
+    best, best_total = None, math.fsum(map(math.log, base.values()))
     for small in pool:
         for large in pool:
-            for i in range(1, len(sizes)) if small is not large else ():
-                plan = [small] * i + [large] * (len(sizes) - i)
-                moved = [(b, c) for b, c in zip(sizes, plan, strict=True) if c is not chosen]
-                total = math.fsum(math.log(c["crossing"][b]) for b, c in zip(sizes, plan, strict=True))
+            for k in sizes[:-1] if small is not large else ():
+                plan = {n: small if n <= k else large for n in every}
+                cost = {n: _served_cost(c, n, sizes) for n, c in plan.items()}
+                total = math.fsum(map(math.log, cost.values()))
+                moved = [n for n, c in plan.items() if c is not chosen]
                 # the gain must clear the noise in the crossing timings and, at the sizes the first timing also
                 # measured (1 and 32), there too: two measurements agreeing, not one lucky phase
-                if moved and _gain(chosen, moved, "crossing") > margin and total < best_total \
-                        and _gain(chosen, [(b, c) for b, c in moved if b in chosen["p50"]], "p50") > margin:
-                    best, best_total = (plan, i), total
+                first = [chosen["p50"][str(n)] / plan[n]["p50"][str(n)] for n in moved if str(n) in chosen["p50"]]
+                if moved and total < best_total and _gain([base[n] / cost[n] for n in moved]) > margin \
+                        and _gain(first) > margin:
+                    best, best_total = (small, k, large), total
     if best is None:
         return chosen
-    plan, i = best
-    routes = [{"up_to": int(sizes[i - 1]), "engine": plan[0]["engine"], "setting": plan[0]["setting"]},
-              {"up_to": None, "engine": plan[-1]["engine"], "setting": plan[-1]["setting"]}]
-    return {**chosen, "routes": routes, "crossing": {b: c["crossing"][b] for b, c in zip(sizes, plan, strict=True)},
-            "p50": {b: (plan[0] if int(b) <= int(sizes[i - 1]) else plan[-1])["p50"][b] for b in chosen["p50"]}}
+    small, k, large = best
+    routes = [{"up_to": k, "engine": small["engine"], "setting": small["setting"]},
+              {"up_to": None, "engine": large["engine"], "setting": large["setting"]}]
+    return {**chosen, "routes": routes,
+            "crossing": {str(b): (small if b <= k else large)["crossing"][str(b)] for b in sizes},
+            "p50": {b: (small if int(b) <= k else large)["p50"][b] for b in chosen["p50"]}}
 
 
 def pick_variant(candidates: list[dict[str, Any]], variant: str, batches: tuple[int, ...] | list[int] = BATCHES,

@@ -130,14 +130,18 @@ OV = _timed("openvino", "fp32", "static", {1: 0.79, 2: 1.0, 4: 1.7, 8: 2.7, 16: 
 
 def test_engines_that_trade_places_with_the_batch_size_are_routed_by_it() -> None:
     chosen = host_choice.pick_variant([ORT, OV], "fp32")
-    assert chosen["routes"] == [{"up_to": 4, "engine": "openvino", "setting": "static"},
+    # OpenVINO static is ahead at 1, 2 and 4, but a batch of 3 pads to 4 (1.7 ms) where onnxruntime takes ~1.5:
+    # the split at 2 is faster over the sizes 1..32 than the one at 4
+    assert chosen["routes"] == [{"up_to": 2, "engine": "openvino", "setting": "static"},
                                 {"up_to": None, "engine": "onnxruntime", "setting": "spin off"}]
-    # each size on its own engine: up to 4 OpenVINO (ahead there), above onnxruntime (ahead from 8)
-    assert chosen["crossing"] == {b: (OV if int(b) <= 4 else ORT)["crossing"][b] for b in ORT["crossing"]}
+    assert chosen["crossing"] == {b: (OV if int(b) <= 2 else ORT)["crossing"][b] for b in ORT["crossing"]}
     assert chosen["p50"] == {"1": OV["p50"]["1"], "32": ORT["p50"]["32"]}
-    assert host_choice.served_label(chosen) == "openvino static <= 4, onnxruntime spin off > 4"
+    assert host_choice.served_label(chosen) == "openvino static <= 2, onnxruntime spin off > 2"
     routes = host_choice.routes_of(chosen)
-    assert [r.up_to for r in routes] == [4, None] and routes[0].engine == "openvino"
+    assert [r.up_to for r in routes] == [2, None] and routes[0].engine == "openvino"
+    # without padding (OpenVINO compiled for dynamic shapes) a batch of 3 costs ~1.35 ms there: the split at 4 wins
+    ov_dynamic = {**OV, "setting": "dynamic"}
+    assert host_choice.routed(ORT, [ORT, ov_dynamic])["routes"][0]["up_to"] == 4
 
 
 def test_a_split_must_pay_beyond_the_noise_where_the_crossing_was_timed() -> None:
