@@ -276,9 +276,9 @@ def routed(chosen: dict[str, Any], pool: list[dict[str, Any]], margin: float = M
     alone by more than ``margin``: the geometric mean of the time ratios over every batch size 1..32 it moves to
     another candidate, from the side-by-side ``crossing`` timings (``CROSSING_BATCHES``; a static-shape engine
     pays for its padding at the sizes between, ``_served_cost``), and again from the first timing at the sizes it
-    moves there (1 or 32): two measurements must agree. The fastest such split over all sizes wins. The routed
-    result's ``p50`` (batch 1 and 32) and ``crossing`` are its routes' own. Returns ``chosen`` unchanged where no
-    split pays, or the crossing was not timed."""
+    moves there (1 or 32), each of which both timings must find faster: two measurements must agree. The
+    fastest such split over all sizes wins. The routed result's ``p50`` (batch 1 and 32) and ``crossing`` are
+    its routes' own. Returns ``chosen`` unchanged where no split pays, or the crossing was not timed."""
     sizes = sorted(int(b) for b in chosen.get("crossing", {}))
     key = ("engine", "variant", "setting")
     # chosen may be a copy of its pool entry (pick adds its score): the entry itself is chosen
@@ -297,10 +297,12 @@ def routed(chosen: dict[str, Any], pool: list[dict[str, Any]], margin: float = M
                 total = math.fsum(map(math.log, cost.values()))
                 moved = [n for n, c in plan.items() if c is not chosen]
                 # the gain must clear the noise in the crossing timings and, at the sizes the first timing also
-                # measured (1 and 32), there too: two measurements agreeing, not one lucky phase
-                first = [chosen["p50"][str(n)] / plan[n]["p50"][str(n)] for n in moved if str(n) in chosen["p50"]]
+                # measured (1 and 32), there too, with both timings faster at each such size: two measurements
+                # agreeing, not one lucky phase
+                both = [n for n in moved if str(n) in chosen["p50"]]
+                first = [chosen["p50"][str(n)] / plan[n]["p50"][str(n)] for n in both]
                 if moved and total < best_total and _gain([base[n] / cost[n] for n in moved]) > margin \
-                        and _gain(first) > margin:
+                        and _gain(first) > margin and min(first + [base[n] / cost[n] for n in both], default=2) > 1:
                     best, best_total = (small, k, large), total
     if best is None:
         return chosen

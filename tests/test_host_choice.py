@@ -151,6 +151,10 @@ def test_a_split_must_pay_beyond_the_noise_where_the_crossing_was_timed() -> Non
     # the two measurements disagree, so no route
     disputed = {**OV, "p50": {"1": ORT["p50"]["1"] * 1.02, "32": OV["p50"]["32"]}}
     assert "routes" not in host_choice.routed(ORT, [ORT, disputed])
+    # and the other way round: the first timing finds OpenVINO ahead at batch 1, the crossing timing does not
+    # there (while it does at 2 and 4, enough for the mean): no route either
+    contra = {**OV, "crossing": {**OV["crossing"], "1": ORT["crossing"]["1"] * 1.01}}
+    assert "routes" not in host_choice.routed(ORT, [ORT, contra])
     # timed at batch 1 and 32 only (no crossing measured): one engine, whatever the trade
     untimed = [{k: v for k, v in c.items() if k != "crossing"} for c in (ORT, OV)]
     assert "routes" not in host_choice.routed(untimed[0], untimed)
