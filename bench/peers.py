@@ -5,7 +5,8 @@ fp32 choice: onnxruntime or OpenVINO with its threading setting, ``export.host_c
 project configures it without a choice (spin-wait off), OpenVINO with static shapes (``export.openvino_runner``:
 LATENCY hint, f32, compiled per shape), torch eager and torch.compile (inductor, static shapes). All are
 interleaved per round in a shuffled order (each timed call after an untimed one, and a 50 ms pause after each
-torch call, whose OpenMP threads otherwise slow whatever runs next: ``export.timing.interleaved``), p50/p95/p99
+torch call and each call of a spinning served session, whose threads otherwise slow whatever runs next:
+``export.timing.interleaved``), p50/p95/p99
 per call, and the ratio served p50 / peer p50 (above 1: the peer is faster). ``--runs`` repeats the whole set; the
 verdict per model and batch is the median over runs of served / the faster of OpenVINO and torch.compile, held to
 ``NOISE`` (1.05). The host's instruction set heads each section, with the load average, since these 2-core hosts
@@ -47,7 +48,6 @@ BASE = "served"
 PEERS = ("served", "onnxruntime", "openvino", "torch eager", "torch.compile")
 RIVALS = ("openvino", "torch.compile")  # the issue's bar: served no slower than the faster of these
 NOISE = 1.05
-TORCH_IDLE_S = 0.05  # untimed pause after each torch call: its OpenMP threads slow the next runner (export.timing)
 COMPILE_BUDGET_S = 180.0  # torch.compile's first call per shape; past this the next shape is not compiled
 EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -135,13 +135,16 @@ def bench_model(name: str, batches: tuple[int, ...] = BATCHES, rounds: int = ROU
     """One run of every peer on ``name`` at each batch."""
     from tqdm import tqdm
 
-    from export.host_choice import settled_interleaved
-    from export.timing import batch_of
+    from export.host_choice import routes_of, settled_interleaved
+    from export.timing import BUSY_IDLE_S, batch_of
     from training.feeds import sample_feeds
     from training.registry import get_spec
 
     spec = get_spec(name)
     runners, notes, model, choice = runners_for(name, compile_)
+    # torch's OpenMP pool and a spinning served session keep the cores busy after they return (export.timing)
+    busy = {k: BUSY_IDLE_S for k in (*runners, "torch.compile")
+            if k.startswith("torch") or (k == BASE and any(r.setting == "spin on" for r in routes_of(choice)))}
     feeds = sample_feeds(spec, max(batches), spec.train.canvas)
     out: dict[str, Any] = {"model": name, "served": choice, "loadavg_before": list(os.getloadavg()),
                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -161,8 +164,7 @@ def bench_model(name: str, batches: tuple[int, ...] = BATCHES, rounds: int = ROU
         per_round = 2 * _warm_call_s(these, x, notes, b)  # settled: two calls per runner per round
         n = max(MIN_ROUNDS, min(rounds, int(ROUND_BUDGET_S / max(per_round, 1e-9))))
         out["rounds"][str(b)] = n
-        stats = settled_interleaved(these, x, n, progress=bar,
-                                    idle_after={k: TORCH_IDLE_S for k in these if k.startswith("torch")})
+        stats = settled_interleaved(these, x, n, progress=bar, idle_after=busy)
         bar.update(rounds - n)
         base = stats[BASE]["p50"]
         out["batches"][str(b)] = {"latency": stats, "ratio": {k: base / s["p50"] for k, s in stats.items()}}

@@ -13,7 +13,8 @@ answers for some graphs are wrong. So, per model and per host instruction set:
    (the spec's per-output tolerance, top-1 agreement 1.0); a graph that does not compile fails its gate with the
    engine's reason;
 3. candidates are timed side by side at batch 1 and 32 (interleaved rounds; each timed call follows an untimed
-   one, so that one session's spinning threads do not land on the next candidate's timed call);
+   one, and each spinning candidate's call an untimed pause, so that one session's spinning threads do not land
+   on the next candidate's timed call);
 4. the choice: among candidates that passed their gate, and (for a precision other than fp32) are faster than the
    same engine and threading's fp32 at every batch, the lowest geometric mean of p50 relative to the fastest
    candidate at each batch, unless the project's default (onnxruntime fp32, spin-wait off) is within 5% of it
@@ -159,10 +160,13 @@ def served_runner(spec: Any, files: dict[str, Path], served: dict[str, Any], thr
 def settled_interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = ROUNDS,
                         warmup: int = 2, progress: Any = None, idle_after: dict[str, float] | None = None
                         ) -> dict[str, dict[str, float]]:
-    """``export.timing.interleaved`` with every timed call settled (spinning engines are among the candidates)."""
-    from export.timing import interleaved
+    """``export.timing.interleaved`` with every timed call settled (spinning engines are among the candidates),
+    and an untimed pause after each spinning candidate (named ``... spin on``, ``candidate_key``) on top of
+    ``idle_after``: its pool keeps the cores busy past the next runner's settling call."""
+    from export.timing import BUSY_IDLE_S, interleaved
 
-    return interleaved(runners, feeds, rounds, warmup, settle=True, progress=progress, idle_after=idle_after)
+    idle = {k: BUSY_IDLE_S for k in runners if k.endswith("spin on")} | (idle_after or {})
+    return interleaved(runners, feeds, rounds, warmup, settle=True, progress=progress, idle_after=idle)
 
 
 # ---------------------------------------------------------------- gates

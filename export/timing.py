@@ -25,6 +25,9 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
 
 
+BUSY_IDLE_S = 0.05  # untimed pause after a runner whose threads stay busy once it returns (``interleaved``)
+
+
 def interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = 40, warmup: int = 3, *,
                 settle: bool = False, progress: Any = None, idle_after: dict[str, float] | None = None
                 ) -> dict[str, dict[str, float]]:
@@ -33,8 +36,11 @@ def interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: i
     every timed call follows an untimed one on the same runner (a spinning onnxruntime pool keeps burning cores just
     after its run, which the next runner would pay for). ``progress``: a tqdm bar advanced once per round.
     ``idle_after``: seconds to sleep, untimed, after a named runner's timed call, for runners whose threads keep
-    the cores busy after they return (torch's OpenMP pool: measured, an identical onnxruntime session 1.3x slower
-    when it always followed torch.compile, and within 1.05x with a 50 ms pause after each torch call)."""
+    the cores busy after they return (``BUSY_IDLE_S``): torch's OpenMP pool (measured, an identical onnxruntime
+    session 1.3x slower when it always followed torch.compile, and within 1.05x with a 50 ms pause after each
+    torch call), and onnxruntime with spin-wait on, whose pool outlasts the next runner's settling call (measured,
+    nonlocal_gaussian at batch 32: onnxruntime spin off 7.4-9.1 ms among candidates that include spinning ones,
+    5.3-5.6 ms without them, and 5.5-5.7 ms with them and this pause)."""
     for _ in range(warmup):
         for r in runners.values():
             r.infer(feeds)
