@@ -49,6 +49,7 @@ from training import paths
 from training.cli import model_names
 
 BATCHES = (1, 32)
+METHOD = 2  # how candidates are timed; an entry timed by an older method is re-measured (2: spinners idle after)
 CROSSING_BATCHES = (1, 2, 4, 8, 16, 32)  # where the finalists of a trade are timed again, to find the crossing
 GATE_IMAGES = 500
 ROUNDS = 20
@@ -464,7 +465,8 @@ def measure_model(name: str, rounds: int = ROUNDS, gate_images: int = GATE_IMAGE
         for k, st in settled_interleaved({k: runners[k] for k in routed_keys}, x, rounds).items():
             by_key[k].setdefault("crossing", {})[str(b)] = st["p50"]
     chosen = pick(candidates, batches)
-    return {"model": name, "batches": list(batches), "crossing_batches": list(CROSSING_BATCHES), "rounds": rounds,
+    return {"model": name, "batches": list(batches), "crossing_batches": list(CROSSING_BATCHES), "method": METHOD,
+            "rounds": rounds,
             "candidates": candidates,
             "digests": {v: _digest(f) for v, f in graphs.items()}, "versions": _versions(),
             "settings": {e: settings(e) for e in engines()},
@@ -483,7 +485,7 @@ def _current(entry: dict[str, Any], name: str) -> bool:
 
     graphs = variant_graphs(get_spec(name))
     return entry.get("versions") == _versions() and entry.get("settings") == {e: settings(e) for e in engines()} \
-        and entry.get("crossing_batches") == list(CROSSING_BATCHES) \
+        and entry.get("crossing_batches") == list(CROSSING_BATCHES) and entry.get("method") == METHOD \
         and entry.get("digests") == {v: _digest(f) for v, f in graphs.items()}
 
 
