@@ -111,17 +111,26 @@ def run(models: list[str], duration: float, rounds: int, out_dir: Path) -> dict[
                               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    meta = {"duration": duration, "rounds": rounds}
+    served_as = {m: "{} x{}".format(*served_fp32(choices, m)) for m in choices}
+    write_report(out_dir, results, {"duration": duration, "rounds": rounds}, served_as)
+    return results
+
+
+def write_report(out_dir: Path, results: dict[str, Any], meta: dict[str, Any],
+                 served_as: dict[str, str] | None = None) -> dict[str, Any]:
+    """``served_engine.{json,md}`` in ``out_dir`` with ``results`` added: models measured before and not now keep
+    their rows (a run on a few models adds to the table) while the row still describes what is served
+    (``served_as``: model -> its current label; None: keep every row). Returns every row."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "served_engine.json"
-    # models measured before (and not now) keep their rows: a run on a few models adds to the table
     before = json.loads(path.read_text()) if path.is_file() else {}
     load = before.get("meta", {}).get("loadavg", "-")  # rows written before each row had its own
-    old = {m: {"loadavg": load, **r} for m, r in before.get("results", {}).items()}
+    old = {m: {"loadavg": load, **r} for m, r in before.get("results", {}).items()
+           if served_as is None or served_as.get(m) == r.get("served_as")}
     merged = dict(sorted({**old, **results}.items()))
     path.write_text(json.dumps({"meta": meta, "results": merged}, indent=1) + "\n")
     (out_dir / "served_engine.md").write_text(render(merged, meta))
-    return results
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,26 @@ def test_served_engine_pairs_the_served_config_with_the_default(tmp_path):
     default = parse_config(layout.config_path(pair["default"], tmp_path).read_text())
     served = parse_config(layout.config_path(pair["served"], tmp_path).read_text())
     as_served = parse_config(layout.config_path("cnn").read_text())
-    assert not {"allow_spinning", "engine", "shapes"} & set(default.parameters)  # the backend's defaults
+    assert not {"allow_spinning", "engine", "shapes", "routes"} & set(default.parameters)  # backend defaults
     assert served.parameters == as_served.parameters and served.model_warmup == as_served.model_warmup
     for name in pair.values():
         assert layout.onnx_path(name, tmp_path).resolve() == layout.onnx_path("cnn").resolve()
+
+
+def test_served_engine_report_keeps_the_rows_of_models_not_run_again(tmp_path):
+    from bench.served_engine import write_report
+
+    def row(p50: float, when: str) -> dict:
+        lat = {"p50": p50, "p95": p50 * 1.2, "p99": p50 * 1.5, "rps": 100.0}
+        return {"1": {"default": lat, "served": lat}, "16": {"default": lat, "served": lat},
+                "served_as": "openvino static x1", "loadavg": "1.00 1.00 1.00", "measured_at": when}
+
+    meta = {"duration": 1.0, "rounds": 1}
+    write_report(tmp_path, {"cnn": row(2.0, "first"), "mhsa": row(3.0, "first")}, meta)
+    rows = write_report(tmp_path, {"mhsa": row(4.0, "second")}, meta)
+    assert rows["cnn"]["measured_at"] == "first" and rows["mhsa"]["measured_at"] == "second"
+    text = (tmp_path / "served_engine.md").read_text()
+    assert "| cnn |" in text and "4.00 / 4.80 / 6.00" in text and "3.00 /" not in text
+    # cnn now served otherwise: its old row no longer describes what is served, and goes
+    rows = write_report(tmp_path, {}, meta, {"cnn": "onnxruntime spin off x1", "mhsa": "openvino static x1"})
+    assert set(rows) == {"mhsa"}
