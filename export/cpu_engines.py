@@ -29,18 +29,24 @@ class Route:
     setting: str
 
     @staticmethod
-    def parse(text: str) -> tuple[Route, ...]:
-        """Routes from their JSON list (a config's ``parameters.routes``), checked: known engines, ascending
-        limits, the last one open-ended."""
-        routes = tuple(Route(r["up_to"], r["engine"], r["setting"]) for r in json.loads(text))
+    def from_list(items: Sequence[dict[str, Any]]) -> tuple[Route, ...]:
+        """Routes from ``[{up_to, engine, setting}, ...]``, checked: known engines, ascending limits, the last
+        one open-ended (``up_to`` None)."""
+        routes = tuple(Route(r["up_to"], r["engine"], r["setting"]) for r in items)
         limits = [r.up_to for r in routes]
         if not routes or limits[-1] is not None or any(
                 u is None or u < 1 for u in limits[:-1]) or limits[:-1] != sorted(set(limits[:-1])):
-            raise ValueError(f"routes {text!r}: limits must ascend, each >= 1, and the last be null (any batch)")
+            raise ValueError(f"routes {Route.dump(routes)}: limits must ascend, each >= 1, and the last be null "
+                             f"(any batch)")
         unknown = sorted({r.engine for r in routes} - set(ENGINES))
         if unknown:
-            raise ValueError(f"routes {text!r}: unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+            raise ValueError(f"routes {Route.dump(routes)}: unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
         return routes
+
+    @staticmethod
+    def parse(text: str) -> tuple[Route, ...]:
+        """Routes from their JSON list (a config's ``parameters.routes``), checked as ``from_list`` checks."""
+        return Route.from_list(json.loads(text))
 
     @staticmethod
     def from_parameters(params: dict[str, str]) -> tuple[Route, ...]:

@@ -131,9 +131,8 @@ def routes_of(served: dict[str, Any]) -> tuple[Any, ...]:
     """The ``export.cpu_engines.Route`` list a served choice (``choose()["served"][variant]``) stands for."""
     from export.cpu_engines import Route
 
-    if served.get("routes"):
-        return tuple(Route(r["up_to"], r["engine"], r["setting"]) for r in served["routes"])
-    return (Route(None, served["engine"], served["setting"]),)
+    return Route.from_list(served.get("routes") or [{"up_to": None, "engine": served["engine"],
+                                                      "setting": served["setting"]}])
 
 
 def served_label(served: dict[str, Any]) -> str:
