@@ -306,7 +306,7 @@ def routed(chosen: dict[str, Any], pool: list[dict[str, Any]], margin: float = M
                 both = [n for n in moved if str(n) in chosen["p50"]]
                 first = [chosen["p50"][str(n)] / plan[n]["p50"][str(n)] for n in both]
                 if moved and total < best_total and _gain([base[n] / cost[n] for n in moved]) > margin \
-                        and _gain(first) > margin and min(first + [base[n] / cost[n] for n in both], default=2) > 1:
+                        and _gain(first) > margin and all(r > 1 for r in first + [base[n] / cost[n] for n in both]):
                     best, best_total = (small, k, large), total
     if best is None:
         return chosen
