@@ -269,6 +269,11 @@ def _served_cost(c: dict[str, Any], n: int, sizes: list[int]) -> float:
     return x[str(lo)] + (x[str(up)] - x[str(lo)]) * (n - lo) / (up - lo)
 
 
+def _fastest_overall(pool: list[dict[str, Any]], batches: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    """The candidate of ``pool`` with the lowest geometric mean p50 over ``batches``."""
+    return min(pool, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches))
+
+
 def _gain(ratios: list[float]) -> float:
     """Geometric mean of time ratios (old / new); inf where nothing moved."""
     return math.exp(math.fsum(map(math.log, ratios)) / len(ratios)) if ratios else math.inf
@@ -339,7 +344,7 @@ def pick_variant(candidates: list[dict[str, Any]], variant: str, batches: tuple[
                       if b in fp32.get("crossing", {}))]
     if not faster:
         return None
-    best = routed(min(faster, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches)), faster, margin)
+    best = routed(_fastest_overall(faster, batches), faster, margin)
     return {**best, "speedup_vs_fp32": {str(b): fp32["p50"][str(b)] / best["p50"][str(b)] for b in batches}}
 
 
@@ -391,7 +396,7 @@ def finalists(candidates: list[dict[str, Any]], batches: tuple[int, ...] | list[
             fastest = [min(pool, key=lambda c: c["p50"][str(b)]) for b in batches]
             if all(c is fastest[0] for c in fastest):
                 continue
-            geo = min(pool, key=lambda c: math.fsum(math.log(c["p50"][str(b)]) for b in batches))
+            geo = _fastest_overall(pool, batches)
             default = [c for c in pool if (c["engine"], c["setting"]) == ("onnxruntime", spin)]
             for c in (*fastest, geo, *default):
                 keys[candidate_key(c["engine"], c["variant"], c["setting"])] = None
