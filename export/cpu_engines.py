@@ -78,6 +78,13 @@ class BatchRouted:
         self.name = name or " | ".join(f"{getattr(t, 'name', type(t).__name__)} <= {u or 'any'}"
                                        for u, t in self.routes)
 
+    @classmethod
+    def build(cls, routes: Sequence[Route], make: Any, name: str | None = None) -> Any:
+        """``make(route)`` for the one route, or a ``BatchRouted`` over ``make`` of each route."""
+        if len(routes) == 1:
+            return make(routes[0])
+        return cls([(r.up_to, make(r)) for r in routes], name=name)
+
     def target(self, n: int) -> Any:
         return next(t for u, t in self.routes if u is None or n <= u)
 
@@ -128,6 +135,4 @@ def served_session(path: Path | str, routes: Sequence[Route], threads: int | Non
         buckets = batch_buckets(r.up_to or max_batch) if r.setting == "static" else ()
         return ServedSession(path, r.engine, threads, spinning=r.setting == "spin on", batch_buckets=buckets)
 
-    if len(routes) == 1:
-        return one(routes[0])
-    return BatchRouted([(r.up_to, one(r)) for r in routes])
+    return BatchRouted.build(routes, one)

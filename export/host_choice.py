@@ -152,9 +152,8 @@ def served_runner(spec: Any, files: dict[str, Path], served: dict[str, Any], thr
     batch size (``export.cpu_engines.BatchRouted``)."""
     from export.cpu_engines import BatchRouted
 
-    routes = routes_of(served)
-    runners = [(r.up_to, cpu_runner(spec, files, r.engine, r.setting, threads, r.up_to)) for r in routes]
-    return runners[0][1] if len(runners) == 1 else BatchRouted(runners, name=served_label(served))
+    return BatchRouted.build(routes_of(served), lambda r: cpu_runner(spec, files, r.engine, r.setting, threads,
+                                                                      r.up_to), name=served_label(served))
 
 
 def settled_interleaved(runners: dict[str, Any], feeds: dict[str, np.ndarray], rounds: int = ROUNDS,
