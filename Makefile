@@ -124,7 +124,8 @@ bench-export: $(STAMP) bench-peers
 
 # The served engine (this host's choice) vs OpenVINO static, torch eager and torch.compile, batch 1 and 32, two runs,
 # a verdict per model, one section per host ISA (reports/peers.{md,json}); EMULATE_AVX2=1 adds a run held to AVX2
-# (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA).
+# (bench.cpuid_mask where the host can fault on CPUID, else ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA). Any target runs
+# held, as on an AVX2-only host: `.venv/bin/python -m bench.cpuid_mask -- make <target>`.
 .PHONY: bench-peers host-choice
 bench-peers: $(STAMP)
 	$(PY) -m bench.peers $(MODELS) $(if $(EMULATE_AVX2),--emulate-avx2)

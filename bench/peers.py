@@ -12,10 +12,12 @@ verdict per model and batch is the median over runs of served / the faster of Op
 ``NOISE`` (1.05). The host's instruction set heads each section, with the load average, since these 2-core hosts
 are shared.
 
-``--emulate-avx2`` repeats the run in a subprocess under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``:
-that holds torch (ATen and oneDNN) to AVX2; onnxruntime's MLAS kernels and OpenVINO's take no such setting and still
-dispatch on the CPU's own flags, so only a real AVX2 host measures them there. Sections are kept per instruction
-set key in reports/peers.json, so runs on different hosts add up in one report.
+``--emulate-avx2`` repeats the run in a subprocess held to AVX2: by ``bench.cpuid_mask`` where the host can fault
+on CPUID (every library then runs its AVX2 kernels: onnxruntime's MLAS, OpenVINO, oneDNN, torch, glibc), else by
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, which holds only torch and oneDNN. The repository's choice
+must have been made for the same instruction set (``make repository`` run the same way), else the section says
+so. Sections are kept per instruction set key in reports/peers.json, so runs on different hosts add up in one
+report.
 """
 
 from __future__ import annotations
@@ -193,10 +195,13 @@ def section_header() -> dict[str, Any]:
 
     from export.host_choice import isa_key
     from export.openvino_runner import version
+    from serving.repository import read_stamp
     from training.fingerprint import host_fingerprint, isa_summary
 
     h = host_fingerprint()
+    # the host choice the repository was generated with: another instruction set's makes the table say little
     return {"isa_key": isa_key(h), "host": isa_summary(), "threads": h["torch_threads"],
+            "chosen_for": (read_stamp() or {}).get("isa_key"),
             "versions": {"onnxruntime": h["onnxruntime"], "openvino": version(), "torch": torch.__version__},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -247,6 +252,9 @@ def render_section(key: str, s: dict[str, Any]) -> list[str]:
              f"OpenVINO {s['versions']['openvino']}, torch {s['versions']['torch']}; latest run {s['measured_at']} "
              f"under load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (1 / 5 / 15 min) on {os.cpu_count()} CPUs; "
              f"{s.get('runs', 1)} run(s) per model.", ""]
+    if "chosen_for" in s and s["chosen_for"] != key:  # (sections written before it was recorded: not known)
+        lines += [f"**The repository's engines were chosen for {s.get('chosen_for') or 'no host'}, not this "
+                  f"instruction set**: regenerate it here (`make repository`) before reading the verdicts.", ""]
     verdicts, ratios, cells = [], [], []
     for name, m in s["models"].items():
         last = m["runs"][-1]
@@ -303,12 +311,20 @@ def write(section: dict[str, Any], path: Path | None = None) -> Path:
     return path
 
 
+def held_to_avx2_environment() -> dict[str, str]:
+    """The environment that holds a subprocess to AVX2: the CPUID mask where this host can fault on CPUID, else
+    the variables that hold torch and oneDNN (``EMULATED_AVX2``)."""
+    from bench import cpuid_mask
+
+    return cpuid_mask.environment() if cpuid_mask.unavailable() is None else {**os.environ, **EMULATED_AVX2}
+
+
 def emulated(argv: list[str]) -> dict[str, Any]:
-    """This module's run in a subprocess held to AVX2 (``EMULATED_AVX2``); its section."""
+    """This module's run in a subprocess held to AVX2 (``held_to_avx2_environment``); its section."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "section.json"
         subprocess.run([sys.executable, "-m", "bench.peers", *argv, "--section-out", str(out)],
-                       env={**os.environ, **EMULATED_AVX2}, check=True)
+                       env=held_to_avx2_environment(), check=True)
         return json.loads(out.read_text())
 
 
@@ -319,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--runs", type=int, default=2, help="passes over every model; the verdict is their median")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles per shape)")
-    p.add_argument("--emulate-avx2", action="store_true", help="also run held to AVX2 (ATEN_CPU_CAPABILITY, "
-                                                               "ONEDNN_MAX_CPU_ISA) in a subprocess")
+    p.add_argument("--emulate-avx2", action="store_true", help="also run held to AVX2 in a subprocess "
+                                                               "(bench.cpuid_mask, else ATEN_CPU_CAPABILITY)")
     p.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)  # the emulated subprocess's result
     p.add_argument("--out", type=Path, default=None, help="JSON report (default reports/peers.json; .md beside)")
     a = p.parse_args(argv)

@@ -127,8 +127,9 @@ def weights_fingerprint(spec: ModelSpec, steps: int | None = None, train_size: i
 # both AVX2-only and AVX-512 hosts of this kind).
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
                 "amx_tile", "amx_int8", "amx_bf16")
-# Environment variables that hold torch and oneDNN to a lower instruction set than the CPU has.
-ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# Environment variables that hold torch and oneDNN (CPUID_MASK: every library, bench.cpuid_mask) to a lower
+# instruction set than the CPU has.
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CPUID_MASK")
 # The record fields that decide whether two hosts compute bit-identical weights; a record lacking any of them
 # (written before they existed) is never "the same host".
 NUMERICS_KEYS = ("cpu", "machine", "cpu_capability", "cpu_flags", "isa_limits", "python", "torch", "numpy",

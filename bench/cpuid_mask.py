@@ -1,0 +1,112 @@
+"""``python -m bench.cpuid_mask [--check] [-- command ...]``: run a command as on an AVX2-only host.
+
+onnxruntime's MLAS, OpenVINO's kernels and glibc pick their instruction set from CPUID, so the environment
+variables that hold torch and oneDNN to AVX2 (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``) leave them on
+AVX-512. ``bench/cpuid_mask.c``, preloaded into every process of the command's tree, turns on Linux's CPUID
+faulting and answers each CPUID with the AVX-512, AMX, AVX-VNNI, AVX10 and GFNI bits cleared (what an AMD Zen 3
+host reports); glibc, which reads CPUID before any preload runs, is held by ``GLIBC_TUNABLES``. Every engine then
+runs the code an AVX2 host runs, on this host's cores, caches and clock: it shows which engine and precision win
+with AVX2 kernels, not the AVX2 host's absolute speed.
+
+``CPUID_MASK=avx2`` is in the environment of every held process, so ``training.fingerprint`` records it as an ISA
+limit and the host choice keys its cache apart. The library refuses to start a process it cannot hold.
+
+``--check`` prints what torch, onnxruntime and OpenVINO see, held and not, and exits 1 unless the held run sees
+AVX2 everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from training import paths
+
+SOURCE = Path(__file__).with_name("cpuid_mask.c")
+LEVEL = "avx2"
+# glibc reads CPUID in the dynamic loader, before a preloaded library's constructor: its string functions are
+# held by its own tunable instead.
+GLIBC_HWCAPS = "glibc.cpu.hwcaps=-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX512_VBMI,-AVX512_VNNI"
+
+
+def unavailable() -> str | None:
+    """Why this host cannot run held by the mask, or None when it can."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"CPUID faulting is a Linux x86_64 feature; this is {platform.system()} {platform.machine()}"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError as e:
+        return f"cannot read /proc/cpuinfo: {e}"
+    if "cpuid_fault" not in flags:
+        return "this CPU or hypervisor does not offer CPUID faulting (no cpuid_fault flag in /proc/cpuinfo)"
+    if shutil.which("gcc") is None:
+        return "gcc is needed to build bench/cpuid_mask.c and is not on PATH"
+    return None
+
+
+def library() -> Path:
+    """The preload library, built from ``SOURCE`` on first use (one file per source digest)."""
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"cannot hold this host to AVX2 by CPUID: {reason}")
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    out = paths.ARTIFACTS_DIR / "cpuid_mask" / f"libcpuid_mask-{digest}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-ldl"],
+                       check=True)
+        tmp.replace(out)
+    return out
+
+
+def environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (the current environment by default) with the mask preloaded for every process started with it."""
+    env = dict(os.environ if base is None else base)
+    preload = [str(library()), *[p for p in env.get("LD_PRELOAD", "").split(":") if p]]
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.cpu.hwcaps=")]
+    return env | {"LD_PRELOAD": ":".join(preload), "CPUID_MASK": LEVEL,
+                  "GLIBC_TUNABLES": ":".join([*tunables, GLIBC_HWCAPS])}
+
+
+_SEEN = """
+import json, openvino, torch
+print(json.dumps({"torch": torch.backends.cpu.get_cpu_capability(),
+                  "openvino": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}))
+"""
+
+
+def seen(env: dict[str, str] | None = None) -> dict[str, object]:
+    """What torch and OpenVINO report of the CPU in a fresh interpreter run with ``env``."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _SEEN], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cpuid_mask", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="print what torch and OpenVINO see, held and not")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run held to AVX2 (after --)")
+    a = p.parse_args(argv)
+    command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if a.check:
+        here, held = seen(), seen(environment())
+        print(f"not held: {here}\nheld:     {held}")
+        if held["torch"] != "AVX2" or "BF16" in held["openvino"]:
+            return 1
+    if command:
+        env = environment()
+        os.execvpe(command[0], command, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
