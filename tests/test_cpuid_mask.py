@@ -5,7 +5,6 @@ held refuses to start)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -28,12 +27,18 @@ def held_env() -> dict[str, str]:
     return cpuid_mask.environment()
 
 
-def test_held_libraries_see_avx2(held_env) -> None:
-    held = cpuid_mask.seen(held_env)
+@pytest.fixture(scope="module")
+def unheld_env() -> dict[str, str]:
+    """The CPU as it is, also when this suite itself runs held (``python -m bench.cpuid_mask -- make test``)."""
+    return cpuid_mask.unheld_environment()
+
+
+def test_held_libraries_see_avx2(held_env, unheld_env) -> None:
+    held, here = cpuid_mask.seen(held_env), cpuid_mask.seen(unheld_env)
     assert held["torch"] == "AVX2"
     assert "FP32" in held["openvino"] and "BF16" not in held["openvino"]
-    if cpuid_mask.seen()["torch"] == "AVX512":  # on an AVX-512 host the mask took something away
-        assert "BF16" in cpuid_mask.seen()["openvino"] or held["openvino"] != cpuid_mask.seen()["openvino"]
+    if "avx512_bf16" in cpu_kernel_flags():  # what the mask takes away, seen unheld
+        assert here["torch"] == "AVX512" and "BF16" in here["openvino"]
 
 
 def test_execed_children_are_held_too(held_env) -> None:
@@ -44,19 +49,20 @@ def test_execed_children_are_held_too(held_env) -> None:
     assert json.loads(out.stdout.strip().splitlines()[-1])["torch"] == "AVX2"
 
 
-def test_fingerprint_records_the_mask(held_env) -> None:
-    from export.host_choice import isa_key
-
+def test_fingerprint_records_the_mask(held_env, unheld_env) -> None:
     code = ("import json; from training.fingerprint import host_fingerprint; from export.host_choice import isa_key;"
             "h = host_fingerprint(); print(json.dumps([h['cpu_capability'], h['isa_limits'], isa_key(h)]))")
-    out = _py(code, held_env)
-    assert out.returncode == 0, out.stderr
-    capability, limits, key = json.loads(out.stdout.strip().splitlines()[-1])
-    assert capability == "AVX2" and limits.get("CPUID_MASK") == "avx2"
-    assert key != isa_key() and "-avx2-" in key
+    seen = {}
+    for label, env in (("held", held_env), ("unheld", unheld_env)):
+        out = _py(code, env)
+        assert out.returncode == 0, out.stderr
+        seen[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    capability, limits, key = seen["held"]
+    assert capability == "AVX2" and limits.get("CPUID_MASK") == "avx2" and "-avx2-" in key
+    assert "CPUID_MASK" not in seen["unheld"][1] and key != seen["unheld"][2]
 
 
-def test_onnxruntime_answers_the_same_held(held_env, tmp_path) -> None:
+def test_onnxruntime_answers_the_same_held(held_env, unheld_env, tmp_path) -> None:
     """The same graph on the AVX2 kernels: fp32 within 1e-4; int8 exactly with 7-bit weights (what the shipped
     int8 graphs use), and, on a VNNI host, other integers with full 8-bit weights: AVX2's u8 x s8 kernel
     (vpmaddubsw) saturates pairs of products at int16, VNNI's does not. That difference shows onnxruntime's MLAS
@@ -87,7 +93,7 @@ def test_onnxruntime_answers_the_same_held(held_env, tmp_path) -> None:
             f"s = ort.InferenceSession({str(tmp_path / 'g.onnx')!r}, providers=['CPUExecutionProvider']);"
             "c, qc, qc7 = s.run(None, f); np.savez(__import__('sys').argv[1], c=c, qc=qc, qc7=qc7)")
     outs = {}
-    for label, env in (("native", dict(os.environ)), ("held", held_env)):
+    for label, env in (("native", unheld_env), ("held", held_env)):
         path = tmp_path / f"{label}.npz"
         r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
                            timeout=300)
@@ -117,3 +123,11 @@ def test_cli_runs_a_command_held() -> None:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["torch"] == "AVX2"
+
+
+def test_cli_says_what_is_wrong() -> None:
+    none = subprocess.run([sys.executable, "-m", "bench.cpuid_mask"], capture_output=True, text=True, timeout=60)
+    assert none.returncode == 2 and "give a command to run held" in none.stderr
+    missing = subprocess.run([sys.executable, "-m", "bench.cpuid_mask", "--", "no-such-command-here"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 127 and "cannot run 'no-such-command-here'" in missing.stderr
