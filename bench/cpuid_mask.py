@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from training import paths
+from training.fingerprint import cpu_flags
 
 SOURCE = Path(__file__).with_name("cpuid_mask.c")
 LEVEL = "avx2"
@@ -39,12 +40,7 @@ def unavailable() -> str | None:
     """Why this host cannot run held by the mask, or None when it can."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"CPUID faulting is a Linux x86_64 feature; this is {platform.system()} {platform.machine()}"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError as e:
-        return f"cannot read /proc/cpuinfo: {e}"
-    if "cpuid_fault" not in flags:
+    if "cpuid_fault" not in cpu_flags():
         return "this CPU or hypervisor does not offer CPUID faulting (no cpuid_fault flag in /proc/cpuinfo)"
     if shutil.which("gcc") is None:
         return "gcc is needed to build bench/cpuid_mask.c and is not on PATH"

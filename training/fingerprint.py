@@ -151,9 +151,14 @@ def _cpu_model() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists for this CPU (empty where there is none to read)."""
+    return set((_cpuinfo_field("flags") or "").split())
+
+
 def cpu_kernel_flags() -> list[str]:
     """The instruction-set flags of ``KERNEL_FLAGS`` this CPU has (what it has, not what torch is held to)."""
-    flags = set((_cpuinfo_field("flags") or "").split())
+    flags = cpu_flags()
     return [f for f in KERNEL_FLAGS if f in flags]
 
 
