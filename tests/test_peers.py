@@ -29,7 +29,8 @@ def test_peer_table_native_and_emulated_avx2(tmp_path) -> None:
     else:
         (emulated,) = others
     held_by = "CPUID_MASK=avx2" if cpuid_mask.unavailable() is None else "ATEN_CPU_CAPABILITY=avx2"
-    assert f"held by {held_by}" in emulated["host"] and "AVX2" in emulated["host"]
+    # (after any limit this run was already under: the README's recipe runs the suite with ATEN_CPU_CAPABILITY)
+    assert held_by in emulated["host"].partition("held by ")[2] and "AVX2" in emulated["host"]
     # both sections record the repository's choice; where it was made for another instruction set, they say so
     stamped = (read_stamp() or {}).get("isa_key")
     assert native["chosen_for"] == emulated["chosen_for"] == stamped
